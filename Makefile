@@ -1,0 +1,37 @@
+# mole_ds developer commands.  `make test` is the one CI runs; `make demo` is the main job.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+export OMP_NUM_THREADS ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: install test test-unit test-dist demo bench clean
+
+$(BIN)/.installed: setup.py
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first and pinned: a loose requirement would pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+test-unit: install
+	$(BIN)/python -m pytest -q tests/unit
+
+test-dist: install
+	$(BIN)/python -m pytest -q tests/dist
+
+bench: install
+	$(BIN)/python tools/bench_mole.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,52 @@
+"""Dropless grouped dispatch on torch.nn.functional.grouped_mm (CPU and CUDA, no extra packages)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import Backend, Plan
+
+
+def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
+    # grouped_mm's backward rejects non-contiguous upstream gradients (e.g. from expand/sum).
+    if t.requires_grad:
+        t.register_hook(lambda g: g.contiguous())
+    return t
+
+
+def grouped_matmul(x_RI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """Rows grouped by expert times their expert's (I, O) matrix: y[rows of e] = x[rows of e] @ w[e]."""
+    if x_RI.shape[0] == 0:
+        # Keep the graph connected so every expert parameter still gets a (zero) gradient.
+        return x_RI.new_zeros(0, w_EIO.shape[2]) + 0.0 * w_EIO.sum()
+    offs = torch.cumsum(counts_E, 0).to(torch.int32)
+    return _contiguous_grad(F.grouped_mm(x_RI.contiguous(), w_EIO, offs=offs))
+
+
+class TorchGroupedBackend(Backend):
+    """Sort rows by expert once per layer, run each LoRA factor as one grouped GEMM, scatter back."""
+
+    name = "torch"
+
+    def plan(self, expert_idx_TJ, weights_TJ, num_experts):
+        # 1. flatten the (token, slot) choices into R = T*J rows;
+        # 2. stable-sort rows by expert (rows of one expert stay in token order);
+        # 3. count rows per expert (the group sizes) - empty experts get a zero-size group.
+        J = expert_idx_TJ.shape[1]
+        flat_R = expert_idx_TJ.reshape(-1)
+        order_R = torch.argsort(flat_R, stable=True)
+        counts_E = torch.bincount(flat_R, minlength=num_experts)
+        return Plan(expert_idx_TJ, weights_TJ, num_experts, order_R, order_R // J,
+                    weights_TJ.reshape(-1)[order_R], counts_E)
+
+    def gather(self, x_TD, plan):
+        return x_TD.index_select(0, plan.token_R)
+
+    def grouped_lora(self, x_RD, counts_E, A_ErI, B_EOr):
+        # (R, I) x (E, I, r) -> (R, r) -> x (E, r, O) -> (R, O); the transposes are views.
+        h_Rr = grouped_matmul(x_RD, A_ErI.transpose(1, 2), counts_E)
+        return grouped_matmul(h_Rr, B_EOr.transpose(1, 2), counts_E)
+
+    def combine(self, y_RO, plan, num_tokens):
+        w_R1 = plan.weight_R.to(y_RO.dtype)[:, None]
+        return y_RO.new_zeros(num_tokens, y_RO.shape[1]).index_add(0, plan.token_R, y_RO * w_R1)

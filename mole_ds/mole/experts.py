@@ -1,0 +1,59 @@
+"""LoRA expert tensors for one MoLE MLP: A/B pairs for gate, up and down projections, stacked over experts."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+PROJECTIONS = ("gate", "up", "down")
+
+
+class LoRAExperts(nn.Module):
+    """E LoRA experts, each with a LoRA on gate_proj, up_proj and down_proj (PEFT's A/B convention).
+
+    ``{p}_A``: (E, r, in_features), ``{p}_B``: (E, out_features, r). A is Kaiming-uniform like PEFT's
+    ``lora_A`` (per expert, so fan-in is in_features), B is zero: a freshly built MoLE MLP equals its base.
+
+    Under expert parallelism a rank holds only ``num_experts`` = E / ep_size of them; ``expert_offset`` is
+    the global index of its first one. The module holds tensors only: dispatch lives in ``dispatch/``.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        rank: int,
+        expert_offset: int = 0,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.expert_offset = expert_offset
+        self.rank = rank
+        shapes = {
+            "gate": (intermediate_size, hidden_size),
+            "up": (intermediate_size, hidden_size),
+            "down": (hidden_size, intermediate_size),
+        }
+        for p, (out_f, in_f) in shapes.items():
+            self.register_parameter(f"{p}_A", nn.Parameter(torch.empty(num_experts, rank, in_f, dtype=dtype, device=device)))
+            self.register_parameter(f"{p}_B", nn.Parameter(torch.empty(num_experts, out_f, rank, dtype=dtype, device=device)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for p in PROJECTIONS:
+            A, B = self.pair(p)
+            with torch.no_grad():
+                for e in range(A.shape[0]):
+                    nn.init.kaiming_uniform_(A[e], a=math.sqrt(5))
+                B.zero_()
+
+    def pair(self, proj: str) -> tuple[nn.Parameter, nn.Parameter]:
+        """(A_ErI, B_EOr) of one projection."""
+        return getattr(self, f"{proj}_A"), getattr(self, f"{proj}_B")
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, offset={self.expert_offset}, rank={self.rank}"

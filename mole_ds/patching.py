@@ -1,0 +1,150 @@
+"""Turn a transformers LLaMA or LLaVA model into a MoLE model: freeze, wrap, report."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.nn as nn
+
+from .config import MoLEConfig
+from .mole.block import MoLEMLP
+from .mole.lora import LoRALinear
+
+ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass
+class PatchReport:
+    """What ``patch_model`` did."""
+
+    model_class: str
+    layers: int
+    num_experts: int
+    attn_lora_modules: list[str] = field(default_factory=list)
+    mole_modules: list[str] = field(default_factory=list)
+    projector_trainable: bool = False
+    trainable_params: int = 0
+    total_params: int = 0
+    trainable_by_kind: dict[str, int] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        kinds = ", ".join(f"{k} {v:,}" for k, v in self.trainable_by_kind.items())
+        pct = 100.0 * self.trainable_params / max(self.total_params, 1)
+        return (f"{self.model_class}: {self.layers} MoLE MLPs x {self.num_experts} experts, "
+                f"{len(self.attn_lora_modules)} attention LoRA modules; trainable {self.trainable_params:,} of "
+                f"{self.total_params:,} ({pct:.2f}%): {kinds}")
+
+
+def find_language_model(model: nn.Module) -> nn.Module:
+    """The LLaMA-style decoder stack (a module with ``.layers``) inside a CausalLM or LLaVA model."""
+    candidates = [
+        getattr(getattr(model, "model", None), "language_model", None),  # LlavaForConditionalGeneration
+        getattr(model, "language_model", None),                          # LlavaModel
+        getattr(model, "model", None),                                   # LlamaForCausalLM
+        model,                                                           # LlamaModel
+    ]
+    for c in candidates:
+        if c is not None and isinstance(getattr(c, "layers", None), nn.ModuleList):
+            return c
+    raise TypeError(f"cannot find a decoder stack (a module with .layers) in {type(model).__name__}; "
+                    "mole_ds patches LlamaForCausalLM- and LlavaForConditionalGeneration-style models")
+
+
+def find_projector(model: nn.Module) -> nn.Module | None:
+    for holder in (getattr(model, "model", None), model):
+        proj = getattr(holder, "multi_modal_projector", None) if holder is not None else None
+        if proj is not None:
+            return proj
+    return None
+
+
+def mole_layers(model: nn.Module) -> list[MoLEMLP]:
+    """Every MoLE MLP of a patched model, in layer order."""
+    return [m for m in model.modules() if isinstance(m, MoLEMLP)]
+
+
+def _mask_hook(layers: list[MoLEMLP]):
+    # Decoder MLPs never see the attention mask; hand it to them before the decoder stack runs, so pad
+    # tokens count neither in the balance loss nor in the routing statistics.
+    def hook(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1:
+            mask = args[1]
+        if mask is not None and mask.dim() != 2:
+            mask = None  # a custom 4D mask has no per-token padding to read; count every token
+        for layer in layers:
+            layer.token_mask = mask
+    return hook
+
+
+def patch_model(model: nn.Module, config: MoLEConfig, *, expert_offset: int = 0,
+                num_local_experts: int | None = None) -> PatchReport:
+    """Patch every LLM decoder layer in place and freeze everything but LoRA, experts and routers.
+
+    * ``layer.mlp`` becomes :class:`MoLEMLP` (base projections kept under their names, B = 0 at init, so the
+      patched model equals the base model until it trains);
+    * with ``config.attn_lora``, q/k/v/o become :class:`LoRALinear` (same rank and alpha);
+    * the vision tower is untouched and frozen; the projector is trainable iff ``config.train_projector``.
+
+    ``expert_offset``/``num_local_experts`` build only one rank's slice of the experts (expert parallelism).
+    Returns a :class:`PatchReport`.
+    """
+    if mole_layers(model):
+        raise ValueError(f"{type(model).__name__} is already patched with MoLE layers")
+    lm = find_language_model(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    report = PatchReport(type(model).__name__, len(lm.layers), config.num_experts)
+    for i, layer in enumerate(lm.layers):
+        layer.mlp = MoLEMLP(layer.mlp, config, layer_idx=i, expert_offset=expert_offset,
+                            num_local_experts=num_local_experts)
+        report.mole_modules.append(f"layers.{i}.mlp")
+        if config.attn_lora:
+            attn = layer.self_attn
+            for name in ATTN_PROJECTIONS:
+                base = getattr(attn, name, None)
+                if not isinstance(base, nn.Linear):
+                    raise TypeError(f"layer {i}: self_attn.{name} is {type(base).__name__}, expected nn.Linear")
+                setattr(attn, name, LoRALinear(base, config.rank, config.alpha, config.dropout))
+                report.attn_lora_modules.append(f"layers.{i}.self_attn.{name}")
+
+    for m in model.modules():
+        if isinstance(m, MoLEMLP):
+            for p in list(m.router.parameters()) + list(m.experts.parameters()):
+                p.requires_grad_(True)
+        elif isinstance(m, LoRALinear):
+            m.lora_A.requires_grad_(True)
+            m.lora_B.requires_grad_(True)
+    projector = find_projector(model)
+    if config.train_projector:
+        if projector is None:
+            raise ValueError(f"mole.train_projector (True) but {type(model).__name__} has no multi_modal_projector")
+        for p in projector.parameters():
+            p.requires_grad_(True)
+        report.projector_trainable = True
+
+    lm.register_forward_pre_hook(_mask_hook(mole_layers(model)), with_kwargs=True)
+    model.mole_config = config
+
+    kinds = {"experts": 0, "routers": 0, "attn_lora": 0, "projector": 0}
+    for name, p in model.named_parameters():
+        n = _numel(p)
+        report.total_params += n
+        if not p.requires_grad:
+            continue
+        report.trainable_params += n
+        if ".experts." in name:
+            kinds["experts"] += n
+        elif ".router." in name:
+            kinds["routers"] += n
+        elif ".lora_" in name:
+            kinds["attn_lora"] += n
+        else:
+            kinds["projector"] += n
+    report.trainable_by_kind = {k: v for k, v in kinds.items() if v}
+    return report
+
+
+def _numel(p: nn.Parameter) -> int:
+    # ZeRO-3 partitioned parameters report their full size in ds_numel.
+    return int(getattr(p, "ds_numel", p.numel()))
