@@ -14,11 +14,20 @@ def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _aligned(n: int, dtype: torch.dtype) -> bool:
+    # grouped_mm needs 16-byte aligned strides (bf16: multiples of 8 elements).
+    return (n * torch.empty(0, dtype=dtype).element_size()) % 16 == 0
+
+
 def grouped_matmul(x_RI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """Rows grouped by expert times their expert's (I, O) matrix: y[rows of e] = x[rows of e] @ w[e]."""
     if x_RI.shape[0] == 0:
         # Keep the graph connected so every expert parameter still gets a (zero) gradient.
         return x_RI.new_zeros(0, w_EIO.shape[2]) + 0.0 * w_EIO.sum()
+    if not (_aligned(w_EIO.shape[1], x_RI.dtype) and _aligned(w_EIO.shape[2], x_RI.dtype)):
+        # Odd feature sizes: per-group matmuls on contiguous slices (still dropless, still no masks).
+        outs = [x @ w for x, w in zip(torch.split(x_RI, counts_E.tolist()), w_EIO.unbind(0))]
+        return torch.cat(outs, 0)
     offs = torch.cumsum(counts_E, 0).to(torch.int32)
     return _contiguous_grad(F.grouped_mm(x_RI.contiguous(), w_EIO, offs=offs))
 
@@ -44,6 +53,13 @@ class TorchGroupedBackend(Backend):
 
     def grouped_lora(self, x_RD, counts_E, A_ErI, B_EOr):
         # (R, I) x (E, I, r) -> (R, r) -> x (E, r, O) -> (R, O); the transposes are views.
+        r = A_ErI.shape[1]
+        if not _aligned(r, x_RD.dtype):
+            # Pad the rank with zero rows of A / zero columns of B: the product is unchanged and the padded
+            # gradients are simply dropped by F.pad's backward.
+            pad = -r % (16 // x_RD.element_size())
+            A_ErI = F.pad(A_ErI, (0, 0, 0, pad))
+            B_EOr = F.pad(B_EOr, (0, pad))
         h_Rr = grouped_matmul(x_RD, A_ErI.transpose(1, 2), counts_E)
         return grouped_matmul(h_Rr, B_EOr.transpose(1, 2), counts_E)
 
