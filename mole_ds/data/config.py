@@ -1,0 +1,76 @@
+"""Configuration of the streaming data pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MISMATCH_POLICIES = ("skip", "error", "keep")
+
+
+@dataclass
+class DataConfig:
+    """Options of :func:`mole_ds.data.build_loader`.
+
+    urls: shard sources: manifest URL(s), output folder / s3 prefix ending in "/", brace patterns, shard URLs.
+    batch_size: samples per batch on each rank.
+    max_length: token budget per sample; longer samples are truncated (a sample whose image tokens would be
+        cut, or with no supervised token left, is skipped and counted).
+    num_workers: DataLoader worker processes per rank (0 = read in the main process, counted as 1 slot).
+    seed: base seed of shard order, shuffle buffers and domain mixing.
+    shuffle_shards: shuffle shard order each epoch (seeded).
+    shuffle_buffer: samples held by each stream's shuffle buffer (0 = no sample shuffle).
+    domain_weights: None = "exact" epochs (every sample once per epoch, natural domain mix); a mapping
+        {domain: weight} = weighted mixing with resampling (weights are normalised; domains not listed are unused).
+    samples_per_epoch: samples per rank per epoch.  Mixing mode: default = all samples / world size.
+        Exact mode: must stay None (derived from the shards so that every sample is seen).
+    mismatch_policy: on a tokenization mismatch 'skip' (count and drop), 'error' (raise), or 'keep' (count and
+        keep the segment-wise tokenization, whose labels are exact).
+    process_images: run the image processor (False: images are only decoded, for benchmarking).
+    domain_names: fixed order of domain names -> integer ids in batches (default: weights order, else sorted).
+    """
+
+    urls: str | list[str]
+    batch_size: int = 8
+    max_length: int = 2048
+    num_workers: int = 2
+    seed: int = 0
+    shuffle_shards: bool = True
+    shuffle_buffer: int = 1000
+    domain_weights: dict[str, float] | None = None
+    samples_per_epoch: int | None = None
+    mismatch_policy: str = "skip"
+    process_images: bool = True
+    domain_names: list[str] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        p = []
+        if not self.urls:
+            p.append(f"urls ({self.urls!r}) must name at least one shard source")
+        if self.batch_size < 1:
+            p.append(f"batch_size ({self.batch_size}) must be >= 1")
+        if self.max_length < 8:
+            p.append(f"max_length ({self.max_length}) must be >= 8")
+        if self.num_workers < 0:
+            p.append(f"num_workers ({self.num_workers}) must be >= 0")
+        if self.shuffle_buffer < 0:
+            p.append(f"shuffle_buffer ({self.shuffle_buffer}) must be >= 0")
+        if self.mismatch_policy not in MISMATCH_POLICIES:
+            p.append(f"mismatch_policy ({self.mismatch_policy!r}) must be one of {MISMATCH_POLICIES}")
+        if self.domain_weights is not None:
+            if not self.domain_weights:
+                p.append("domain_weights ({}) must name at least one domain, or be None")
+            for d, w in self.domain_weights.items():
+                if not (isinstance(w, (int, float)) and w >= 0):
+                    p.append(f"domain_weights[{d!r}] ({w!r}) must be a number >= 0")
+            if self.domain_weights and sum(self.domain_weights.values()) <= 0:
+                p.append(f"domain_weights ({self.domain_weights}) must have a positive sum")
+        elif self.samples_per_epoch is not None:
+            p.append(f"samples_per_epoch ({self.samples_per_epoch}) is only for mixing mode (domain_weights set)")
+        if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
+            p.append(f"samples_per_epoch ({self.samples_per_epoch}) must be >= 1")
+        if p:
+            raise ValueError("DataConfig: " + "; ".join(p))
+
+    @property
+    def workers_per_rank(self) -> int:
+        return max(1, self.num_workers)

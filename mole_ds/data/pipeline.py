@@ -1,0 +1,226 @@
+"""Streaming shards into batches, split over ranks and DataLoader workers, resumable.
+
+Terms: a *slot* is one (rank, worker) pair, slot = rank * workers_per_rank + worker; there are
+world_size * workers_per_rank slots and each reads disjoint data.
+
+Algorithm of one slot's epoch (:meth:`StreamingDataset.iter_slot`):
+  1. Every process computes the same plan from (seed, epoch): shard order shuffled, then shards assigned to
+     slots greedily by sample count (balanced, disjoint).  With fewer shards than slots, every slot reads all
+     shards and keeps raw sample i iff i % n_slots == slot (disjoint again, at the cost of extra reads).
+  2. A *raw stream* reads the slot's shards pass after pass (each pass re-shuffled; pass 0 is the epoch's data,
+     later passes only pad), through a seeded shuffle buffer flushed at the end of each pass.  Corrupt or short
+     shards are logged by URL, counted and skipped.
+  3. Exact mode: samples come from one raw stream over all shards.  Mixing mode: one raw stream per domain, and
+     a seeded chooser picks the domain of each next sample by weight.
+  4. Each raw sample is parsed and encoded (image processor, template, masking); a bad one is counted by
+     reason and replaced by the next one from the same stream.
+  5. Samples are collated into batches; the slot yields exactly `batches_per_slot` batches per epoch, so all
+     ranks take the same number of steps.  Each batch carries the slot's stream position after it ("_pos") and
+     counter increments ("_stats"); the loader keeps the position of the last batch it handed out per worker.
+  6. Resume: a slot given a position fast-forwards its raw streams (reading, not decoding) and chooser to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from typing import Iterator
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from mole_ds.data import storage
+from mole_ds.data.collate import SampleEncoder, collate
+from mole_ds.data.config import DataConfig
+from mole_ds.data.manifest import ShardInfo
+from mole_ds.data.mixing import DomainChooser, assign_shards, seeded, shuffle_buffer
+from mole_ds.data.samples import SkipSample, parse_sample
+from mole_ds.data.tario import CorruptShardError, iter_tar_samples
+
+log = logging.getLogger(__name__)
+
+
+def plan_slot(shards: list[ShardInfo], slot: int, n_slots: int, seed: int, epoch: int, tag: str,
+              shuffle: bool) -> tuple[list[ShardInfo], tuple[int, int] | None]:
+    """Step 1 for one stream: (shards this slot reads, (slot, n_slots) sample-level split or None)."""
+    order = list(shards)
+    if shuffle:
+        seeded(seed, epoch, tag, "shards").shuffle(order)
+    if len(order) >= n_slots:
+        mine = assign_shards([s.samples for s in order], n_slots)[slot]
+        return [order[i] for i in mine], None
+    return order, (slot, n_slots)
+
+
+class RawStream:
+    """Step 2: an endless stream of raw samples of one slot (and one domain in mixing mode)."""
+
+    def __init__(self, shards: list[ShardInfo], split: tuple[int, int] | None, seed, epoch: int, tag: str,
+                 slot: int, buffer: int, shuffle: bool, stats: Counter):
+        self.shards, self.split, self.buffer, self.shuffle = shards, split, buffer, shuffle
+        self.key = (seed, epoch, tag, slot)
+        self.stats = stats
+        self.drawn = 0  # the resume position
+        self._it = self._passes()
+
+    def _read_shard(self, info: ShardInfo) -> Iterator[dict]:
+        n = 0
+        try:
+            with storage.open_url(info.url) as f:
+                for raw in iter_tar_samples(f, info.url):
+                    n += 1
+                    yield raw
+        except (CorruptShardError, storage.StorageError, OSError) as exc:
+            log.warning("skipping the rest of shard %s: %s", info.url, exc)
+            self.stats["corrupt_shard"] += 1
+            return
+        if info.samples is not None and n != info.samples:
+            log.warning("shard %s ended after %d of %d samples", info.url, n, info.samples)
+            self.stats["short_shard"] += 1
+
+    def _one_pass(self, p: int) -> Iterator[dict]:
+        order = list(self.shards)
+        if self.shuffle and p > 0:
+            seeded(*self.key, "pass", p).shuffle(order)
+        i = 0
+        for info in order:
+            for raw in self._read_shard(info):
+                if self.split is None or i % self.split[1] == self.split[0]:
+                    yield raw
+                i += 1
+
+    def _passes(self) -> Iterator[tuple[int, dict]]:
+        p = 0
+        while True:
+            got = False
+            for raw in shuffle_buffer(self._one_pass(p), self.buffer, seeded(*self.key, "buffer", p)):
+                got = True
+                yield p, raw
+            if not got:
+                raise RuntimeError(f"no readable sample in {len(self.shards)} shard(s) of stream {self.key}")
+            p += 1
+
+    def next(self) -> tuple[int, dict]:
+        """(pass index, raw sample)."""
+        self.drawn += 1
+        return next(self._it)
+
+    def skip(self, n: int) -> None:
+        for _ in range(n):
+            self.next()
+
+
+class StreamingDataset(IterableDataset):
+    """Yields collated batches for this rank (see the module docstring).  Use via StreamingLoader."""
+
+    def __init__(self, cfg: DataConfig, shards: list[ShardInfo], processor, rank: int, world_size: int,
+                 domain_names: list[str]):
+        super().__init__()
+        self.cfg, self.shards, self.processor = cfg, shards, processor
+        self.rank, self.world_size = rank, world_size
+        self.domain_names = domain_names
+        self.W = cfg.workers_per_rank
+        self.n_slots = world_size * self.W
+        self.epoch = 0
+        self.start_positions: list[dict | None] = [None] * self.W
+        self.mixing = cfg.domain_weights is not None
+        if self.mixing:
+            missing = [d for d, w in cfg.domain_weights.items() if w > 0 and not self._domain_shards(d)]
+            if missing:
+                raise ValueError(f"domain_weights names domain(s) {missing} with no shards; "
+                                 f"shard domains: {sorted({s.domain for s in shards})}")
+        self.batches_per_slot = self._batches_per_slot()
+
+    def _domain_shards(self, d: str) -> list[ShardInfo]:
+        return [s for s in self.shards if s.domain == d]
+
+    def _batches_per_slot(self) -> int:
+        B = self.cfg.batch_size
+        if self.mixing:
+            per_rank = self.cfg.samples_per_epoch
+            if per_rank is None:
+                known = [s.samples for s in self.shards if s.domain in self.cfg.domain_weights]
+                if any(k is None for k in known):
+                    raise ValueError("samples_per_epoch (None) must be set when shard sample counts are unknown "
+                                     "(read from a manifest to know them)")
+                per_rank = sum(known) // self.world_size
+            return max(1, math.ceil(per_rank / (B * self.W)))
+        if any(s.samples is None for s in self.shards):
+            raise ValueError("exact epochs need shard sample counts: read the shards through their manifest")
+        # Largest slot decides; smaller slots pad by wrapping so every rank takes the same number of steps.
+        worst = 0
+        for slot in range(self.n_slots):
+            mine, split = plan_slot(self.shards, slot, self.n_slots, self.cfg.seed, self.epoch, "all",
+                                    self.cfg.shuffle_shards)
+            n = sum(s.samples for s in mine)
+            worst = max(worst, -(-n // split[1]) if split else n)
+        return max(1, math.ceil(worst / B))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.batches_per_slot = self._batches_per_slot()
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Batches per epoch on every rank."""
+        return self.batches_per_slot * self.W
+
+    def _stream(self, slot: int, shards: list[ShardInfo], tag: str, stats: Counter) -> RawStream:
+        mine, split = plan_slot(shards, slot, self.n_slots, self.cfg.seed, self.epoch, tag, self.cfg.shuffle_shards)
+        return RawStream(mine, split, self.cfg.seed, self.epoch, tag, slot, self.cfg.shuffle_buffer,
+                         self.cfg.shuffle_shards, stats)
+
+    def iter_slot(self, worker: int) -> Iterator[dict]:
+        """Steps 2-6 for (self.rank, worker)."""
+        slot = self.rank * self.W + worker
+        stats: Counter = Counter()
+        enc = SampleEncoder(self.processor, self.domain_names, self.cfg.max_length, self.cfg.mismatch_policy,
+                            self.cfg.process_images)
+        if self.mixing:
+            streams = {d: self._stream(slot, self._domain_shards(d), d, stats)
+                       for d, w in self.cfg.domain_weights.items() if w > 0}
+            chooser = DomainChooser(self.cfg.domain_weights, seeded(self.cfg.seed, self.epoch, slot, "mix"))
+        else:
+            streams = {"all": self._stream(slot, self.shards, "all", stats)}
+            chooser = None
+        pos = self.start_positions[worker] or {}
+        done = pos.get("batches", 0)
+        for name, s in streams.items():  # step 6
+            s.skip(pos.get("streams", {}).get(name, 0))
+        if chooser is not None:
+            chooser.skip(pos.get("chooser", 0))
+
+        pad_id = self.processor.tokenizer.pad_token_id
+        reported: Counter = Counter()
+        while done < self.batches_per_slot:
+            batch = []
+            while len(batch) < self.cfg.batch_size:
+                stream = streams[chooser()] if chooser else streams["all"]
+                while True:
+                    p, raw = stream.next()
+                    try:
+                        batch.append(enc(parse_sample(raw)))
+                        if p > 0 and not self.mixing:
+                            stats["repeated"] += 1  # padding samples from a later pass (exact mode)
+                        break
+                    except SkipSample as exc:
+                        stats[exc.reason] += 1
+                        if stats[exc.reason] <= 3:
+                            log.warning("skipped sample: %s", exc)
+            out = collate(batch, pad_id)
+            done += 1
+            out["_pos"] = {"worker": worker, "batches": done, "streams": {n: s.drawn for n, s in streams.items()},
+                           "chooser": chooser.draws if chooser else 0}
+            out["_stats"] = dict(stats - reported)
+            reported = Counter(stats)
+            yield out
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        if info is not None and info.num_workers != self.W:
+            raise RuntimeError(f"DataLoader has {info.num_workers} workers, dataset expects {self.W}")
+        if info is not None:
+            torch.set_num_threads(1)  # worker processes share the cores with the trainer
+        return self.iter_slot(worker)
