@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""Forward+backward time of one MoLE MLP per backend and expert count, as a ratio to a plain-LoRA MLP.
+
+    python tools/bench_mole.py                       # the issue's shape: 8192 tokens, 512 -> 1376, rank 32
+    python tools/bench_mole.py --experts 1 4 --json out.json
+
+Each row is the median of --reps timed iterations after --warmup; the ratio divides by the plain-LoRA MLP
+(frozen base + one LoRA of the same rank on gate/up/down) timed in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+from transformers.models.llama.modeling_llama import LlamaMLP
+
+from mole_ds import MoLEConfig, MoLEMLP
+from mole_ds.mole.dispatch import megablocks_available
+from mole_ds.mole.lora import LoRALinear
+from mole_ds.models.tiny import tiny_llama_config
+
+
+def _time(fn, warmup: int, reps: int, sync) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _step(module, x, grad):
+    def run():
+        module.zero_grad(set_to_none=True)
+        xi = x.detach().requires_grad_(True)
+        module(xi).backward(grad)
+    return run
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--intermediate", type=int, default=1376)
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--experts", type=int, nargs="+", default=[1, 4, 16, 64, 128])
+    ap.add_argument("--backends", nargs="+", default=None, help="default: torch loop (+ megablocks on CUDA)")
+    ap.add_argument("--routing", default="sparse", choices=["sparse", "weighted", "dense"])
+    ap.add_argument("--top-k", type=int, default=1)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--json", default=None, help="also write the rows as JSON to this path")
+    args = ap.parse_args(argv)
+
+    dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    backends = args.backends or (["torch", "loop"] + (["megablocks"] if megablocks_available()[0] else []))
+    torch.manual_seed(0)
+    cfg_llama = tiny_llama_config(hidden_size=args.hidden, intermediate_size=args.intermediate)
+    base = LlamaMLP(cfg_llama).to(dev, dtype).requires_grad_(False)
+    x = torch.randn(1, args.tokens, args.hidden, device=dev, dtype=dtype)
+    grad = torch.randn_like(x)
+
+    plain = LlamaMLP(cfg_llama).to(dev, dtype)
+    plain.load_state_dict(base.state_dict())
+    plain.requires_grad_(False)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        setattr(plain, name, LoRALinear(getattr(plain, name), args.rank, 2.0 * args.rank, 0.0))
+    t_plain = _time(_step(plain, x, grad), args.warmup, args.reps, sync)
+
+    rows = [{"model": "plain-lora", "backend": "-", "experts": 0, "ms": 1e3 * t_plain, "ratio": 1.0}]
+    print(f"device={dev} dtype={args.dtype} tokens={args.tokens} hidden={args.hidden} "
+          f"intermediate={args.intermediate} rank={args.rank} routing={args.routing} top_k={args.top_k} "
+          f"threads={torch.get_num_threads()}")
+    print(f"{'model':<10} {'backend':<10} {'experts':>7} {'median ms':>10} {'ratio':>7}")
+    print(f"{'plain-lora':<10} {'-':<10} {'-':>7} {1e3 * t_plain:>10.1f} {1.0:>7.2f}")
+    for E in args.experts:
+        for b in backends:
+            cfg = MoLEConfig(num_experts=E, top_k=min(args.top_k, E), rank=args.rank, alpha=2.0 * args.rank,
+                             dropout=0.0, routing=args.routing, backend=b)
+            mole = MoLEMLP(LlamaMLP(cfg_llama).to(dev, dtype), cfg)
+            mole.load_state_dict(base.state_dict(), strict=False)
+            for p in (mole.gate_proj, mole.up_proj, mole.down_proj):
+                p.requires_grad_(False)
+            with torch.no_grad():
+                for p in mole.experts.parameters():
+                    p.normal_(0, 0.02)  # non-zero B: real work in every expert
+            t = _time(_step(mole, x, grad), args.warmup, args.reps, sync)
+            rows.append({"model": "mole", "backend": b, "experts": E, "ms": 1e3 * t, "ratio": t / t_plain})
+            print(f"{'mole':<10} {b:<10} {E:>7} {1e3 * t:>10.1f} {t / t_plain:>7.2f}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "device": str(dev), "threads": torch.get_num_threads(), "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
