@@ -99,8 +99,8 @@ class PlannedShard:
 
 
 def _check_chunk(args) -> list[Checked]:
-    recs, start, domain, root = args
-    return [check_record(start + i, r, domain, root) for i, r in enumerate(recs)]
+    recs, start, domain, root, data_dir = args
+    return [check_record(start + i, r, domain, root, data_dir) for i, r in enumerate(recs)]
 
 
 def _sample_files(s: dict) -> dict[str, bytes]:
@@ -150,7 +150,8 @@ def check_domains(cfg: ShardConfig) -> tuple[dict[str, list[dict]], list[dict]]:
         for src in cfg.domains:
             recs = load_records(src)
             chunk = max(1, min(256, len(recs) // (cfg.workers * 4) or 1))
-            tasks = [(recs[i : i + chunk], i, src.name, src.image_root) for i in range(0, len(recs), chunk)]
+            data_dir = os.path.dirname(os.path.abspath(src.data))
+            tasks = [(recs[i : i + chunk], i, src.name, src.image_root, data_dir) for i in range(0, len(recs), chunk)]
             results: list[Checked] = []
             bar = tqdm(total=len(recs), desc=f"check {src.name}", unit="sample", disable=not cfg.progress)
             it = pool.map(_check_chunk, tasks) if pool else map(_check_chunk, tasks)

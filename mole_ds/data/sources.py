@@ -108,13 +108,19 @@ class Checked:
     nbytes: int = 0
 
 
-def check_record(index: int, rec, domain: str, image_root: str | None) -> Checked:
-    """Validate one record (everything except duplicate ids, which need the whole domain)."""
+def check_record(index: int, rec, domain: str, image_root: str | None, data_dir: str = ".") -> Checked:
+    """Validate one record (everything except duplicate ids, which need the whole domain).
+
+    Relative image paths resolve in image_root (or, without one, in data_dir, the data file's folder) and may
+    not escape it; absolute paths are only accepted when no image_root is given.
+    """
     if not isinstance(rec, dict) or rec.get("id") in (None, ""):
         return Checked(index, "missing_id", "record has no 'id'")
     sid = str(rec["id"])
     img = rec.get("image")
-    has_image = img not in (None, "", {})
+    if isinstance(img, dict) and not img.get("bytes") and not img.get("path"):
+        img = None  # datasets' Image feature stores a missing image as {"bytes": None, "path": None}
+    has_image = img not in (None, "")
     problem = conversation_problem(rec.get("conversations"), has_image)
     if problem:
         return Checked(index, problem, f"id {sid}")
@@ -136,10 +142,13 @@ def check_record(index: int, rec, domain: str, image_root: str | None) -> Checke
             rel = img["path"] if isinstance(img, dict) else img
             if not isinstance(rel, str):
                 return Checked(index, "missing_image", f"id {sid}: image entry {img!r} is not a path")
-            root = os.path.realpath(image_root or ".")
-            full = os.path.realpath(os.path.join(root, rel))
-            if os.path.isabs(rel) or os.path.commonpath([root, full]) != root:
-                return Checked(index, "image_path_escapes_root", f"id {sid}: {rel}")
+            if image_root is None and os.path.isabs(rel):
+                full = rel  # no image root given: absolute paths (as datasets stores them) are taken as they are
+            else:
+                root = os.path.realpath(image_root or data_dir)
+                full = os.path.realpath(os.path.join(root, rel))
+                if os.path.isabs(rel) or os.path.commonpath([root, full]) != root:
+                    return Checked(index, "image_path_escapes_root", f"id {sid}: {rel}")
             if not os.path.isfile(full):
                 return Checked(index, "missing_image", f"id {sid}: {rel}")
             try:

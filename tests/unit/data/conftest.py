@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import uuid
 
 import pytest
-from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -53,30 +51,3 @@ def processor():
     from mole_ds.models import build_tiny_processor
 
     return build_tiny_processor(image_size=32, patch_size=8)
-
-
-def make_domain(root, name: str, n: int, image_every: int = 2, fmt: str = "png", size=(40, 30)) -> str:
-    """Write a LLaVA-format json with n samples (every `image_every`-th text-only... rest with an image).
-
-    Returns the json path; images live in root/name_images/.  Sample ids are f"{name}-{i}".
-    """
-    img_dir = os.path.join(root, f"{name}_images")
-    os.makedirs(img_dir, exist_ok=True)
-    recs = []
-    for i in range(n):
-        has_img = image_every and i % image_every == 0
-        q = f"What is shown in picture number {i}?"
-        rec = {"id": f"{name}-{i}", "conversations": [
-            {"from": "human", "value": ("<image>\n" if has_img else "") + q},
-            {"from": "gpt", "value": f"It is a {name} image with the value {i}."},
-        ]}
-        if has_img:
-            rel = f"sub/{name}_{i}.{fmt}"
-            os.makedirs(os.path.join(img_dir, "sub"), exist_ok=True)
-            Image.new("RGB", size, ((i * 37) % 256, (i * 91) % 256, 128)).save(os.path.join(img_dir, rel))
-            rec["image"] = rel
-        recs.append(rec)
-    path = os.path.join(root, f"{name}.json")
-    with open(path, "w") as f:
-        json.dump(recs, f)
-    return path
