@@ -24,17 +24,20 @@ from mole_ds.mole.lora import LoRALinear
 from mole_ds.models.tiny import tiny_llama_config
 
 
-def _time(fn, warmup: int, reps: int, sync) -> float:
+def _time_pair(fn_a, fn_b, warmup: int, reps: int, sync) -> tuple[float, float]:
+    """Median times of a and b, measured alternately so that both see the same machine load."""
     for _ in range(warmup):
-        fn()
-    times = []
+        fn_a()
+        fn_b()
+    ta, tb = [], []
     for _ in range(reps):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, acc in ((fn_a, ta), (fn_b, tb)):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            acc.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb)
 
 
 def _step(module, x, grad):
@@ -76,14 +79,14 @@ def main(argv=None) -> int:
     plain.requires_grad_(False)
     for name in ("gate_proj", "up_proj", "down_proj"):
         setattr(plain, name, LoRALinear(getattr(plain, name), args.rank, 2.0 * args.rank, 0.0))
-    t_plain = _time(_step(plain, x, grad), args.warmup, args.reps, sync)
+    plain_step = _step(plain, x, grad)
 
-    rows = [{"model": "plain-lora", "backend": "-", "experts": 0, "ms": 1e3 * t_plain, "ratio": 1.0}]
+    rows = []
     print(f"device={dev} dtype={args.dtype} tokens={args.tokens} hidden={args.hidden} "
           f"intermediate={args.intermediate} rank={args.rank} routing={args.routing} top_k={args.top_k} "
           f"threads={torch.get_num_threads()}")
-    print(f"{'model':<10} {'backend':<10} {'experts':>7} {'median ms':>10} {'ratio':>7}")
-    print(f"{'plain-lora':<10} {'-':<10} {'-':>7} {1e3 * t_plain:>10.1f} {1.0:>7.2f}")
+    print("each MoLE row is timed alternately with the plain-LoRA MLP; ratio = MoLE / plain LoRA")
+    print(f"{'backend':<10} {'experts':>7} {'mole ms':>10} {'plain ms':>10} {'ratio':>7}")
     for E in args.experts:
         for b in backends:
             cfg = MoLEConfig(num_experts=E, top_k=min(args.top_k, E), rank=args.rank, alpha=2.0 * args.rank,
@@ -95,9 +98,10 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 for p in mole.experts.parameters():
                     p.normal_(0, 0.02)  # non-zero B: real work in every expert
-            t = _time(_step(mole, x, grad), args.warmup, args.reps, sync)
-            rows.append({"model": "mole", "backend": b, "experts": E, "ms": 1e3 * t, "ratio": t / t_plain})
-            print(f"{'mole':<10} {b:<10} {E:>7} {1e3 * t:>10.1f} {t / t_plain:>7.2f}", flush=True)
+            t, t_plain = _time_pair(_step(mole, x, grad), plain_step, args.warmup, args.reps, sync)
+            rows.append({"backend": b, "experts": E, "mole_ms": 1e3 * t, "plain_lora_ms": 1e3 * t_plain,
+                         "ratio": t / t_plain})
+            print(f"{b:<10} {E:>7} {1e3 * t:>10.1f} {1e3 * t_plain:>10.1f} {t / t_plain:>7.2f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "device": str(dev), "threads": torch.get_num_threads(), "rows": rows}, f, indent=2)

@@ -1,0 +1,1 @@
+"""Training: run config, DeepSpeed engine setup, the loop, checkpoints, metrics."""

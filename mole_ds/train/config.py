@@ -1,0 +1,234 @@
+"""The run config: typed sections read from YAML/JSON plus ``--section.field value`` overrides.
+
+Unknown keys and wrong types are errors naming the key and the value; cross-checks against the DeepSpeed
+config (micro-batch, ZeRO stage, ep_size vs world size) happen in :func:`check_against_deepspeed` before any
+work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import MoLEConfig
+
+
+@dataclass
+class ModelSection:
+    path: str | None = None
+    """A local transformers LLaVA (or LLaMA) directory; empty = the embedded tiny LLaVA built locally."""
+    dtype: str = "auto"
+    """'auto' (bf16 when the DeepSpeed config enables it, else fp32), 'bf16' or 'fp32'."""
+    tiny_layers: int = 2
+    """Embedded default only: decoder layers of the tiny LLM."""
+    tiny_hidden: int = 64
+    """Embedded default only: hidden size of the tiny LLM."""
+
+
+@dataclass
+class DataSection:
+    train: list[str] = field(default_factory=list)
+    """Shard URLs, brace patterns or manifest.json paths (local, http(s)://, s3://)."""
+    eval: list[str] = field(default_factory=list)
+    """Held-out shards, evaluated per domain."""
+    domain_weights: dict[str, float] = field(default_factory=dict)
+    """Sampling weight per domain (empty = proportional to the data)."""
+    max_length: int = 512
+    """Tokens per sample after image-token expansion; longer samples are truncated."""
+    num_workers: int = 0
+    """DataLoader workers per rank."""
+    shuffle_buffer: int = 256
+    samples_per_epoch: int = 0
+    """Per rank; 0 = derived from the shard manifest."""
+    seed: int = 0
+
+
+@dataclass
+class TrainSection:
+    max_steps: int = 100
+    """Optimizer steps."""
+    lr: float = 2e-4
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    """Cosine decays to lr * min_lr_ratio."""
+    weight_decay: float = 0.0
+    log_every: int = 1
+    eval_every: int = 0
+    """0 = evaluate only at the end."""
+    eval_batches: int = 8
+    output_dir: str = "runs/mole"
+    seed: int = 0
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 0
+    """Save every N steps (0 = only at the end and on shutdown)."""
+    keep: int = 2
+    resume: str = "none"
+    """'none', 'auto' (latest complete checkpoint in output_dir/checkpoints) or a checkpoint directory."""
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    mole: MoLEConfig = field(default_factory=MoLEConfig)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTION_TYPES = {"model": ModelSection, "mole": MoLEConfig, "data": DataSection, "train": TrainSection,
+                  "checkpoint": CheckpointSection}
+
+
+def _coerce(where: str, value: Any, tp: Any) -> Any:
+    """Convert a YAML/CLI value to the annotated type, or raise naming the key and the value."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(where, value, inner[0])
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ValueError(f"{where} ({value!r}) must be a list")
+        return [_coerce(f"{where}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if origin is dict:
+        if isinstance(value, str):
+            try:
+                value = dict(kv.split("=", 1) for kv in value.split(",") if kv) if "=" in value else json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"{where} ({value!r}) must be a mapping like a=0.5,b=0.5") from exc
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} ({value!r}) must be a mapping")
+        return {str(k): _coerce(f"{where}.{k}", v, args[1]) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ValueError(f"{where} ({value!r}) must be true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ValueError(f"{where} ({value!r}) must be an integer")
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where} ({value!r}) must be an integer") from None
+        if not f.is_integer():
+            raise ValueError(f"{where} ({value!r}) must be an integer")
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(f"{where} ({value!r}) must be a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where} ({value!r}) must be a number") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ValueError(f"{where} ({value!r}) must be a string")
+        return str(value)
+    return value
+
+
+def _build_section(name: str, values: dict[str, Any]) -> Any:
+    cls = _SECTION_TYPES[name]
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown key(s) in section '{name}': {', '.join(unknown)}; known: {', '.join(known)}")
+    kwargs = {k: _coerce(f"{name}.{k}", v, hints[k]) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def load_run_config(path: str | None = None, overrides: list[str] | None = None,
+                    base: dict[str, Any] | None = None) -> RunConfig:
+    """Read a run config: ``base`` (e.g. the DeepSpeed file's "mole" key as {"mole": ...}), then the file,
+    then ``--section.key value`` / ``section.key=value`` overrides, each layer replacing the last."""
+    merged: dict[str, dict[str, Any]] = {k: {} for k in _SECTION_TYPES}
+
+    def merge(src: dict[str, Any], origin: str) -> None:
+        for sec, vals in src.items():
+            if sec not in merged:
+                raise ValueError(f"unknown section '{sec}' in {origin}; known: {', '.join(merged)}")
+            if not isinstance(vals, dict):
+                raise ValueError(f"section '{sec}' in {origin} must be a mapping, got {vals!r}")
+            merged[sec].update(vals)
+
+    if base:
+        merge(base, "the DeepSpeed config")
+    if path:
+        text = Path(path).read_text()
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"run config {path} must be a mapping of sections")
+        merge(data, path)
+    merge(_parse_overrides(overrides or []), "command-line overrides")
+    return RunConfig(**{name: _build_section(name, vals) for name, vals in merged.items()})
+
+
+def _parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    i = 0
+    while i < len(items):
+        item = items[i]
+        key = item[2:] if item.startswith("--") else item
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(items):
+                raise ValueError(f"override {item} has no value")
+            value = items[i + 1]
+            i += 2
+        if "." not in key:
+            raise ValueError(f"override {item} must look like --section.key value (sections: {', '.join(_SECTION_TYPES)})")
+        sec, k = key.split(".", 1)
+        out.setdefault(sec, {})[k.replace("-", "_")] = yaml.safe_load(value) if value != "" else ""
+    return out
+
+
+def check_against_deepspeed(cfg: RunConfig, ds: dict[str, Any], world_size: int) -> list[str]:
+    """Every inconsistency between the run config, the DeepSpeed config and the world, named with values."""
+    p: list[str] = []
+    ep = cfg.mole.ep_size
+    if ep > world_size:
+        p.append(f"mole.ep_size ({ep}) must be <= world size ({world_size})")
+    elif world_size % ep:
+        p.append(f"world size ({world_size}) must be divisible by mole.ep_size ({ep})")
+    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    if stage not in (0, 1, 2, 3):
+        p.append(f"zero_optimization.stage ({stage}) must be 0, 1, 2 or 3")
+    if ds.get("fp16", {}).get("enabled"):
+        p.append("fp16.enabled (true) is not supported: use bf16 (or fp32 on CPU)")
+    mb = ds.get("train_micro_batch_size_per_gpu")
+    if not isinstance(mb, int) or mb < 1:
+        p.append(f"train_micro_batch_size_per_gpu ({mb!r}) must be a positive integer")
+    ga = ds.get("gradient_accumulation_steps", 1)
+    if not isinstance(ga, int) or ga < 1:
+        p.append(f"gradient_accumulation_steps ({ga!r}) must be a positive integer")
+    tb = ds.get("train_batch_size")
+    if isinstance(tb, int) and isinstance(mb, int) and isinstance(ga, int) and tb != mb * ga * world_size:
+        p.append(f"train_batch_size ({tb}) must equal micro-batch ({mb}) x grad accumulation ({ga}) x world ({world_size})")
+    if cfg.train.warmup_steps > cfg.train.max_steps:
+        p.append(f"train.warmup_steps ({cfg.train.warmup_steps}) must be <= train.max_steps ({cfg.train.max_steps})")
+    if cfg.checkpoint.resume not in ("none", "auto") and not Path(cfg.checkpoint.resume).is_dir():
+        p.append(f"checkpoint.resume ({cfg.checkpoint.resume!r}) must be none, auto or an existing checkpoint directory")
+    if cfg.model.dtype not in ("auto", "bf16", "fp32"):
+        p.append(f"model.dtype ({cfg.model.dtype!r}) must be auto, bf16 or fp32")
+    return p
