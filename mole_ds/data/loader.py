@@ -105,6 +105,7 @@ class StreamingLoader:
     def __iter__(self) -> Iterator[dict]:
         self.dataset.set_epoch(self.epoch)
         self.dataset.start_positions = list(self.positions)
+        self.dataset.worker_offset = self.steps % self.cfg.workers_per_rank
         nw = self.cfg.num_workers
         dl = DataLoader(self.dataset, batch_size=None, num_workers=nw, prefetch_factor=2 if nw else None,
                         multiprocessing_context="fork" if nw else None)

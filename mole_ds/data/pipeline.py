@@ -62,6 +62,7 @@ class RawStream:
         self.key = (seed, epoch, tag, slot)
         self.stats = stats
         self.drawn = 0  # the resume position
+        self._pass = 0
         self._it = self._passes()
 
     def _read_shard(self, info: ShardInfo) -> Iterator[dict]:
@@ -72,14 +73,16 @@ class RawStream:
                     n += 1
                     yield raw
         except (CorruptShardError, storage.StorageError, OSError) as exc:
-            log.warning("skipping the rest of shard %s: %s", info.url, exc)
-            self.stats["corrupt_shard"] += 1
+            if self._pass == 0:  # later passes re-read the same shards: count each problem once per epoch
+                log.warning("skipping the rest of shard %s: %s", info.url, exc)
+                self.stats["corrupt_shard"] += 1
             return
-        if info.samples is not None and n != info.samples:
+        if info.samples is not None and n != info.samples and self._pass == 0:
             log.warning("shard %s ended after %d of %d samples", info.url, n, info.samples)
             self.stats["short_shard"] += 1
 
     def _one_pass(self, p: int) -> Iterator[dict]:
+        self._pass = p
         order = list(self.shards)
         if self.shuffle and p > 0:
             seeded(*self.key, "pass", p).shuffle(order)
@@ -124,6 +127,7 @@ class StreamingDataset(IterableDataset):
         self.n_slots = world_size * self.W
         self.epoch = 0
         self.start_positions: list[dict | None] = [None] * self.W
+        self.worker_offset = 0  # DataLoader worker i serves logical worker (i + offset) % W (see __iter__)
         self.mixing = cfg.domain_weights is not None
         if self.mixing:
             missing = [d for d, w in cfg.domain_weights.items() if w > 0 and not self._domain_shards(d)]
@@ -205,9 +209,10 @@ class StreamingDataset(IterableDataset):
                             stats["repeated"] += 1  # padding samples from a later pass (exact mode)
                         break
                     except SkipSample as exc:
-                        stats[exc.reason] += 1
-                        if stats[exc.reason] <= 3:
-                            log.warning("skipped sample: %s", exc)
+                        if p == 0:  # count each bad sample once per epoch, not again when padding re-reads it
+                            stats[exc.reason] += 1
+                            if stats[exc.reason] <= 3:
+                                log.warning("skipped sample: %s", exc)
             out = collate(batch, pad_id)
             done += 1
             out["_pos"] = {"worker": worker, "batches": done, "streams": {n: s.drawn for n, s in streams.items()},
@@ -218,9 +223,11 @@ class StreamingDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
         if info is not None and info.num_workers != self.W:
             raise RuntimeError(f"DataLoader has {info.num_workers} workers, dataset expects {self.W}")
+        # A DataLoader always starts its rotation at worker 0; after a resume at step s the next batch is due
+        # from logical worker s % W, so physical workers are rotated by that offset.
+        worker = ((info.id if info is not None else 0) + self.worker_offset) % self.W
         if info is not None:
             torch.set_num_threads(1)  # worker processes share the cores with the trainer
         return self.iter_slot(worker)
