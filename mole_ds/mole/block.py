@@ -42,7 +42,7 @@ class MoLEMLP(nn.Module):
         factory = {"dtype": w.dtype, "device": w.device}
         self.router = TopKRouter(hidden, config.num_experts, config.top_k, config.routing, **factory)
         n_local = config.num_experts if num_local_experts is None else num_local_experts
-        self.experts = LoRAExperts(n_local, hidden, inter, config.rank, expert_offset, **factory)
+        self.experts = LoRAExperts(n_local, hidden, inter, config.rank, expert_offset, layer_idx, **factory)
         self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.scaling = config.scaling
         self.dispatcher = LocalDispatcher(get_backend(config.backend, w.device))

@@ -26,12 +26,14 @@ class LoRAExperts(nn.Module):
         intermediate_size: int,
         rank: int,
         expert_offset: int = 0,
+        layer_idx: int = 0,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.expert_offset = expert_offset
+        self.layer_idx = layer_idx
         self.rank = rank
         shapes = {
             "gate": (intermediate_size, hidden_size),
@@ -44,11 +46,19 @@ class LoRAExperts(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for p in PROJECTIONS:
+        # Each expert's A is drawn from its own generator seeded by (process seed, layer, global expert
+        # index): a rank holding experts [o, o + n) builds exactly the slice that a single process would,
+        # whatever the ep_size.
+        base_seed = torch.initial_seed()
+        for j, p in enumerate(PROJECTIONS):
             A, B = self.pair(p)
             with torch.no_grad():
                 for e in range(A.shape[0]):
-                    nn.init.kaiming_uniform_(A[e], a=math.sqrt(5))
+                    g = torch.Generator().manual_seed(
+                        (base_seed + 1_000_003 * self.layer_idx + 7919 * (self.expert_offset + e) + j) % (2**63))
+                    a = torch.empty(A.shape[1:], dtype=torch.float32)
+                    nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)
+                    A[e].copy_(a)
                 B.zero_()
 
     def pair(self, proj: str) -> tuple[nn.Parameter, nn.Parameter]:
