@@ -5,7 +5,8 @@ Batch convention (what :func:`collate` returns)::
     input_ids       [B, T] long   right-padded with the tokenizer's pad id
     attention_mask  [B, T] long   1 on real tokens
     labels          [B, T] long   -100 except assistant replies + their eos
-    pixel_values    [N, 3, H, W] float, N = number of samples with an image (in batch order), possibly 0;
+    pixel_values    [N, 3, H, W] float, N = number of samples with an image (in batch order); an empty tensor
+                    when N == 0;
                     exactly what LlavaForConditionalGeneration expects, since image features are scattered
                     into the image-token positions in order.  Pass None to the model when N == 0.
     has_image       [B] bool
