@@ -123,8 +123,9 @@ def test_shuffle_is_deterministic_and_resume_keeps_shards(tmp_path):
     assert [s["plan"] for s in m3["shards"]] != [s["plan"] for s in m1["shards"]]
 
 
-def test_datasets_sources(tmp_path):
+def test_datasets_sources(tmp_path, monkeypatch):
     """parquet (embedded image bytes via datasets.Image) and save_to_disk folders."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))  # keep the user's cache untouched
     import datasets
 
     g = make_domain(tmp_path, "general", 6)
