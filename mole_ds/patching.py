@@ -19,6 +19,8 @@ class PatchReport:
     model_class: str
     layers: int
     num_experts: int
+    local_experts: int = 0
+    """Experts held by this process (num_experts unless expert parallel)."""
     attn_lora_modules: list[str] = field(default_factory=list)
     mole_modules: list[str] = field(default_factory=list)
     projector_trainable: bool = False
@@ -29,9 +31,10 @@ class PatchReport:
     def __str__(self) -> str:
         kinds = ", ".join(f"{k} {v:,}" for k, v in self.trainable_by_kind.items())
         pct = 100.0 * self.trainable_params / max(self.total_params, 1)
-        return (f"{self.model_class}: {self.layers} MoLE MLPs x {self.num_experts} experts, "
+        held = "" if self.local_experts in (0, self.num_experts) else f" ({self.local_experts} held here)"
+        return (f"{self.model_class}: {self.layers} MoLE MLPs x {self.num_experts} experts{held}, "
                 f"{len(self.attn_lora_modules)} attention LoRA modules; trainable {self.trainable_params:,} of "
-                f"{self.total_params:,} ({pct:.2f}%): {kinds}")
+                f"{self.total_params:,} ({pct:.2f}%) on this process: {kinds}")
 
 
 def find_language_model(model: nn.Module) -> nn.Module:
@@ -94,7 +97,8 @@ def patch_model(model: nn.Module, config: MoLEConfig, *, expert_offset: int = 0,
     for p in model.parameters():
         p.requires_grad_(False)
 
-    report = PatchReport(type(model).__name__, len(lm.layers), config.num_experts)
+    report = PatchReport(type(model).__name__, len(lm.layers), config.num_experts,
+                         local_experts=config.num_experts if num_local_experts is None else num_local_experts)
     for i, layer in enumerate(lm.layers):
         layer.mlp = MoLEMLP(layer.mlp, config, layer_idx=i, expert_offset=expert_offset,
                             num_local_experts=num_local_experts)

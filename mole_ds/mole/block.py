@@ -64,16 +64,16 @@ class MoLEMLP(nn.Module):
         x_TD = x_BSD.reshape(-1, D)
         B, S = (shape[0], shape[1]) if len(shape) == 3 else (1, x_TD.shape[0])
 
-        route = self.router(x_TD)
+        route = self.router.route(self.router(x_TD))
         self.last_stats = routing_stats(route.logits_TE, route.probs_TE, route.chosen_TK, self._mask_BS(B, S, x_TD.device))
 
         ex = self.experts
         plan = self.dispatcher.plan(route.expert_idx_TJ, route.weights_TJ, self.config.num_experts)
-        dg_TF, du_TF = self.dispatcher.lora(self.lora_dropout(x_TD), plan, [ex.pair("gate"), ex.pair("up")])
+        dg_TF, du_TF = ex(self.lora_dropout(x_TD), plan, self.dispatcher, ("gate", "up"))
         g_TF = self.gate_proj(x_TD) + self.scaling * dg_TF.to(x_TD.dtype)
         u_TF = self.up_proj(x_TD) + self.scaling * du_TF.to(x_TD.dtype)
         h_TF = self.act_fn(g_TF) * u_TF
-        (dd_TD,) = self.dispatcher.lora(self.lora_dropout(h_TF), plan, [ex.pair("down")])
+        (dd_TD,) = ex(self.lora_dropout(h_TF), plan, self.dispatcher, ("down",))
         y_TD = self.down_proj(h_TF) + self.scaling * dd_TD.to(h_TF.dtype)
         return y_TD.view(shape)
 

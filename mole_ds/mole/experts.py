@@ -61,6 +61,13 @@ class LoRAExperts(nn.Module):
                     A[e].copy_(a)
                 B.zero_()
 
+    def forward(self, x_TI: torch.Tensor, plan, dispatcher, projections: tuple[str, ...]) -> list[torch.Tensor]:
+        """Unscaled routed LoRA deltas of ``projections`` (which share the input ``x_TI``).
+
+        The dispatcher does the routing work; calling it through this module's forward is what lets ZeRO-3
+        gather these tensors (its hooks fire on module calls), on every rank in the same order."""
+        return dispatcher.lora(x_TI, plan, [self.pair(p) for p in projections])
+
     def pair(self, proj: str) -> tuple[nn.Parameter, nn.Parameter]:
         """(A_ErI, B_EOr) of one projection."""
         return getattr(self, f"{proj}_A"), getattr(self, f"{proj}_B")

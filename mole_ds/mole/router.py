@@ -37,10 +37,15 @@ class TopKRouter(nn.Linear):
         self.top_k = top_k
         self.routing = routing
 
-    def forward(self, x_TD: torch.Tensor) -> RouterOutput:  # type: ignore[override]
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """fp32 logits. Returning a plain tensor matters: ZeRO-3 re-gathers a module's weights for backward
+        through hooks on its tensor outputs."""
         # fp32 routing: bf16 logits flip argmax decisions between otherwise identical runs.
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TE = F.linear(x_TD.float(), self.weight.float(), self.bias.float())
+            return F.linear(x_TD.float(), self.weight.float(), self.bias.float())
+
+    def route(self, logits_TE: torch.Tensor) -> RouterOutput:
+        """The routing decision for fp32 logits (no parameters used)."""
         probs_TE = logits_TE.softmax(dim=-1)
         _, chosen_TK = probs_TE.topk(self.top_k, dim=-1)
         if self.routing == "sparse":
@@ -53,7 +58,7 @@ class TopKRouter(nn.Linear):
             weights_TJ = probs_TE.gather(1, chosen_TK)
         elif self.routing == "dense":
             T, E = probs_TE.shape
-            expert_idx_TJ = torch.arange(E, device=x_TD.device).expand(T, E)
+            expert_idx_TJ = torch.arange(E, device=logits_TE.device).expand(T, E)
             weights_TJ = probs_TE
         else:  # validated in MoLEConfig; kept for modules built by hand
             raise ValueError(f"router.routing ({self.routing!r}) must be sparse, weighted or dense")

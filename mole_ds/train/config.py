@@ -60,7 +60,8 @@ class TrainSection:
     log_every: int = 1
     eval_every: int = 0
     """0 = evaluate only at the end."""
-    eval_batches: int = 8
+    eval_batches: int = 0
+    """Held-out batches per rank per evaluation (0 = the whole held-out set)."""
     output_dir: str = "runs/mole"
     seed: int = 0
 

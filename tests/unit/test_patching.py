@@ -91,7 +91,7 @@ def test_router_math_is_fp32_in_bf16_model():
     model = build_tiny_llama(dtype=torch.bfloat16)
     patch_model(model, MoLEConfig(**CFG))
     mlp = model.model.layers[0].mlp
-    out = mlp.router(torch.randn(5, 64, dtype=torch.bfloat16))
+    out = mlp.router.route(mlp.router(torch.randn(5, 64, dtype=torch.bfloat16)))
     assert out.logits_TE.dtype == torch.float32 and out.probs_TE.dtype == torch.float32
     y = model(input_ids=torch.randint(0, 128, (1, 8))).logits
     assert y.dtype == torch.bfloat16

@@ -1,0 +1,195 @@
+"""Build the model, apply MoLE + expert parallelism, and hand everything to DeepSpeed's engine."""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..config import MoLEConfig
+from ..parallel import EPContext, create_expert_groups, is_expert_param, patch_model_expert_parallel
+from ..patching import PatchReport
+from .config import ModelSection, RunConfig
+
+# Tested range of DeepSpeed: the expert-parallel path relies on ZeRO-3 per-parameter partition groups
+# (>= 0.19.3) and on attributes internal to DeepSpeed (see mole_ds/parallel/expert_parallel.py).
+DEEPSPEED_TESTED = ((0, 19, 3), (0, 20, 0))
+
+
+def check_deepspeed_version(version: str | None = None) -> None:
+    import deepspeed
+
+    v = version or deepspeed.__version__
+    parts = tuple(int(x) for x in v.split("+")[0].split(".")[:3] if x.isdigit())
+    lo, hi = DEEPSPEED_TESTED
+    if not (lo <= parts < hi):
+        raise RuntimeError(f"deepspeed {v} is outside the tested range >={'.'.join(map(str, lo))},"
+                           f"<{'.'.join(map(str, hi))}: expert parallelism uses its internal ZeRO-3 attributes")
+
+
+def ds_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def model_dtype(section: ModelSection, ds: dict) -> torch.dtype:
+    if section.dtype == "bf16" or (section.dtype == "auto" and ds.get("bf16", {}).get("enabled")):
+        return torch.bfloat16
+    return torch.float32
+
+
+def build_model(section: ModelSection, ds: dict, seed: int = 0):
+    """(model, processor). An empty ``section.path`` builds the embedded tiny LLaVA locally.
+
+    Under ZeRO-3 the base model is built inside ``deepspeed.zero.Init`` so each rank only ever holds its
+    partition of the frozen weights (for a checkpoint directory via transformers' HfDeepSpeedConfig)."""
+    import deepspeed
+    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+
+    dtype = model_dtype(section, ds)
+    zero3 = ds_stage(ds) == 3
+    torch.manual_seed(seed)
+    if section.path:
+        path = Path(section.path)
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model.path ({section.path!r}) is not a local transformers model directory "
+                             "(no config.json); nothing is downloaded")
+        keep_alive = None
+        if zero3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            keep_alive = HfDeepSpeedConfig(copy.deepcopy(ds))  # makes from_pretrained load under zero.Init
+        cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+        cls = LlavaForConditionalGeneration if cfg.model_type == "llava" else None
+        if cls is None:
+            from transformers import AutoModelForCausalLM as cls  # noqa: N813
+        model = cls.from_pretrained(path, dtype=dtype, local_files_only=True)
+        model._mole_hf_ds_config = keep_alive
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        return model, processor
+
+    from ..models.processor import build_tiny_processor
+    from ..models.tiny import build_tiny_llava, tiny_llava_config
+
+    processor = build_tiny_processor(image_size=32, patch_size=8)
+    tok = processor.tokenizer
+    cfg = tiny_llava_config(vocab_size=len(tok), image_token_id=processor.image_token_id,
+                            pad_token_id=tok.pad_token_id, hidden_size=section.tiny_hidden,
+                            intermediate_size=2 * section.tiny_hidden, num_layers=section.tiny_layers)
+    # Built whole (it is tiny); deepspeed.initialize partitions it under ZeRO-3. transformers' own weight
+    # init cannot run inside zero.Init without its HfDeepSpeedConfig machinery.
+    model = LlavaForConditionalGeneration(cfg).to(dtype)
+    return model, processor
+
+
+def warmup_cosine(warmup: int, total: int, min_ratio: float):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+@dataclass
+class TrainSetup:
+    engine: Any
+    optimizer: Any
+    scheduler: Any
+    processor: Any
+    report: PatchReport
+    ep: EPContext | None
+    ds_config: dict
+
+
+def _moe_marker(num_experts: int, ep_size: int):
+    # ZeRO-1/2 route expert gradients over the expert-data-parallel group only when the engine believes the
+    # model has DeepSpeed MoE layers (an isinstance check). This parameter-less marker makes it so; it never
+    # runs. (ZeRO-3 needs no marker: it reads the per-parameter tags.)
+    from deepspeed.moe.layer import MoE
+
+    class DeepSpeedMoEMarker(MoE):
+        def __init__(self) -> None:
+            torch.nn.Module.__init__(self)
+            self.num_experts, self.ep_size = num_experts, ep_size
+            self.expert_group_name = f"ep_size_{ep_size}"
+            self.num_local_experts = num_experts // ep_size
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            pass  # our groups already exist
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("DeepSpeedMoEMarker is a marker for DeepSpeed's engine and is never called")
+
+    return DeepSpeedMoEMarker()
+
+
+def param_groups(model: torch.nn.Module, stage: int, ep_size: int, weight_decay: float) -> list[dict]:
+    """Trainable params; ZeRO-1/2 with expert parallelism needs expert tensors in their own 'moe' groups."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if (p.ndim < 2 or name.endswith(".bias")) else decay).append(p)
+    groups = [g for g in ({"params": decay, "weight_decay": weight_decay, "name": "decay"},
+                          {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}) if g["params"]]
+    if stage in (1, 2) and ep_size > 1:
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    return groups
+
+
+def strip_ds_config(ds: dict) -> tuple[dict, dict]:
+    """(DeepSpeed's part, our 'mole' part): DeepSpeed never sees keys it does not know."""
+    ds = copy.deepcopy(ds)
+    ours = ds.pop("mole_ds", {}) or {}
+    return ds, ours
+
+
+def setup_training(cfg: RunConfig, ds: dict, total_steps: int | None = None) -> TrainSetup:
+    """Groups, model, MoLE patch (this rank's experts only), optimizer, schedule, ``deepspeed.initialize``."""
+    import deepspeed
+
+    check_deepspeed_version()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    ep = create_expert_groups(cfg.mole.ep_size, cfg.mole.num_experts) if cfg.mole.ep_size > 1 else None
+    model, processor = build_model(cfg.model, ds, seed=cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # expert init depends on (seed, layer, expert) only, not on ep_size
+    report = patch_model_expert_parallel(model, cfg.mole, ep)
+    stage = ds_stage(ds)
+    if ep is not None and stage in (1, 2):
+        model.add_module("deepspeed_moe_marker", _moe_marker(cfg.mole.num_experts, cfg.mole.ep_size))
+    if cfg.model.path is None:
+        model.to(model_dtype(cfg.model, ds))
+    groups = param_groups(model, stage, cfg.mole.ep_size, cfg.train.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.999), eps=1e-8)
+    steps = total_steps or cfg.train.max_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(cfg.train.warmup_steps, steps, cfg.train.min_lr_ratio))
+    ds = dict(ds)
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                 config=ds)
+    _ = world
+    return TrainSetup(engine, opt, sched, processor, report, ep, ds)
+
+
+def expert_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(expert bytes, other bytes) of parameters held on this rank (ZeRO-3: the local partition)."""
+    ex = other = 0
+    for name, p in model.named_parameters():
+        t = getattr(p, "ds_tensor", None)
+        n = (t.numel() * t.element_size()) if t is not None else p.numel() * p.element_size()
+        if is_expert_param(p) or ".experts." in name:
+            ex += n
+        else:
+            other += n
+    return ex, other
+
+
+__all__ = ["MoLEConfig", "TrainSetup", "build_model", "setup_training", "check_deepspeed_version", "strip_ds_config",
+           "expert_bytes", "param_groups", "warmup_cosine"]

@@ -1,0 +1,242 @@
+"""The training loop: DeepSpeed engine steps, aux losses, evaluation per domain, checkpoints, metrics."""
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..data import DataConfig, build_loader, model_inputs
+from ..mole.collect import aux_loss, aux_losses, routing_counts_by_sample
+from ..parallel import all_to_all_bytes
+from ..patching import mole_layers
+from .checkpoint import find_resume, load_checkpoint, save_checkpoint
+from .config import RunConfig
+from .engine import ds_stage, expert_bytes, setup_training
+from .metrics import MetricsWriter, RoutingTracker, write_routing_report
+from .zero3 import VisionSync
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _mean(values: list[float]) -> float:
+    """Mean over ranks of a per-rank mean (equal weights: every rank takes the same steps)."""
+    t = torch.tensor([sum(values) / max(len(values), 1)], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+        t /= _world()
+    return float(t)
+
+
+class _Stop:
+    """SIGINT/SIGTERM set a flag; the loop saves a final checkpoint at the next step boundary and exits."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        # Every rank must stop at the same step, or the next collective hangs.
+        t = torch.tensor([1.0 if self.requested else 0.0])
+        if dist.is_initialized():
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+
+def _data_config(cfg: RunConfig, urls: list[str], micro_batch: int, eval_mode: bool) -> DataConfig:
+    d = cfg.data
+    weights = d.domain_weights or None
+    return DataConfig(urls=urls, batch_size=micro_batch, max_length=d.max_length, num_workers=d.num_workers,
+                      seed=d.seed + (7 if eval_mode else 0), shuffle_shards=not eval_mode,
+                      shuffle_buffer=0 if eval_mode else d.shuffle_buffer,
+                      domain_weights=None if eval_mode else weights,
+                      samples_per_epoch=(d.samples_per_epoch or None) if (weights and not eval_mode) else None)
+
+
+class Trainer:
+    """One training run (every rank builds one). ``run()`` returns the summary dict (also in summary.json)."""
+
+    def __init__(self, cfg: RunConfig, ds: dict, progress: bool = True) -> None:
+        self.cfg, self.ds = cfg, ds
+        self.rank, self.world = _rank(), _world()
+        self.out = Path(cfg.train.output_dir)
+        self.ckpt_root = self.out / "checkpoints"
+        self.setup = setup_training(cfg, ds)
+        self.engine = self.setup.engine
+        self.model = self.engine.module
+        self.micro = int(ds["train_micro_batch_size_per_gpu"])
+        self.accum = int(ds.get("gradient_accumulation_steps", 1))
+        if not cfg.data.train:
+            raise ValueError("data.train is empty: give shard URLs, a folder of shards or a manifest.json")
+        self.loader = build_loader(_data_config(cfg, cfg.data.train, self.micro, False), self.setup.processor)
+        self.eval_loader = (build_loader(_data_config(cfg, cfg.data.eval, self.micro, True), self.setup.processor)
+                            if cfg.data.eval else None)
+        self.domains = self.loader.domain_names
+        self.vision_sync = VisionSync(self.model) if (ds_stage(ds) == 3 and hasattr(self.model, "model")
+                                                     and hasattr(self.model.model, "vision_tower")) else None
+        n_layers = len(mole_layers(self.model))
+        self.routing = RoutingTracker(n_layers, cfg.mole.num_experts, self.domains)
+        self.metrics = MetricsWriter(self.out, enabled=self.rank == 0)
+        self.progress = progress and self.rank == 0
+        self.step = 0
+        self._it = None
+
+    # -- data ------------------------------------------------------------------------------------------
+    def _next_batch(self) -> dict:
+        while True:
+            if self._it is None:
+                self._it = iter(self.loader)
+            try:
+                return next(self._it)
+            except StopIteration:
+                self._it = None  # next epoch (the loader advanced its epoch counter)
+
+    def _forward(self, batch: dict):
+        inputs = model_inputs(batch)
+        if self.vision_sync is not None:
+            self.vision_sync.text_only = inputs["pixel_values"] is None
+        dev = self.engine.device
+        inputs = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in inputs.items()}
+        if inputs["pixel_values"] is not None:
+            inputs["pixel_values"] = inputs["pixel_values"].to(next(self.model.parameters()).dtype)
+        return self.engine(**inputs)
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+    def _meta(self) -> dict:
+        return {"ep_size": self.cfg.mole.ep_size, "world_size": self.world, "num_experts": self.cfg.mole.num_experts,
+                "mole": self.cfg.mole.to_dict()}
+
+    def save(self) -> Path:
+        client = {"step": self.step, "data": self.loader.state_dict(), "routing": self.routing.counts.tolist()}
+        return save_checkpoint(self.engine, self.ckpt_root, self.step, client, self._meta(), keep=self.cfg.checkpoint.keep)
+
+    def maybe_resume(self) -> None:
+        tag = find_resume(self.cfg.checkpoint.resume, self.ckpt_root)
+        if tag is None:
+            return
+        client = load_checkpoint(self.engine, tag, self.cfg.mole.ep_size, self.world, self.cfg.mole.num_experts)
+        self.step = int(client["step"])
+        self.loader.load_state_dict(client["data"])
+        self.routing.counts = torch.tensor(client["routing"], dtype=torch.float64)
+        if self.rank == 0:
+            print(f"[mole_ds] resumed from {tag} at step {self.step}", flush=True)
+
+    # -- evaluation ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        if self.eval_loader is None:
+            return {}
+        self.engine.eval()
+        names = self.eval_loader.domain_names
+        sums = torch.zeros(len(names), 2, dtype=torch.float64)  # (loss * tokens, tokens) per domain
+        it = iter(self.eval_loader)
+        n = len(self.eval_loader) if self.cfg.train.eval_batches <= 0 else min(self.cfg.train.eval_batches, len(self.eval_loader))
+        for _ in range(n):
+            batch = next(it)
+            out = self._forward(batch)
+            logits = out.logits[:, :-1].float()
+            labels = batch["labels"][:, 1:].to(logits.device)
+            tok_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100,
+                                                         reduction="none")
+            valid = (labels != -100).to(torch.float64)
+            for b, d in enumerate(batch["domain_ids"].tolist()):
+                sums[d, 0] += float((tok_loss[b].double() * valid[b]).sum())
+                sums[d, 1] += float(valid[b].sum())
+        if dist.is_initialized():
+            dist.all_reduce(sums)
+        self.engine.train()
+        res = {f"loss/{n}": float(sums[i, 0] / sums[i, 1]) for i, n in enumerate(names) if sums[i, 1] > 0}
+        if sums[:, 1].sum() > 0:
+            res["loss/all"] = float(sums[:, 0].sum() / sums[:, 1].sum())
+        return res
+
+    # -- the loop --------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        self.maybe_resume()
+        stop = _Stop()
+        bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not self.progress, dynamic_ncols=True,
+                   desc="train")
+        self.engine.train()
+        t_start = time.perf_counter()
+        first_step = self.step
+        last_eval: dict = {}
+        step_times: list[float] = []
+        interrupted = False
+        while self.step < cfg.train.max_steps:
+            t0 = time.perf_counter()
+            losses, auxes, tokens = [], [], 0
+            for _ in range(self.accum):
+                batch = self._next_batch()
+                out = self._forward(batch)
+                aux = aux_loss(self.model)
+                self.engine.backward(out.loss + aux)
+                self.engine.step()
+                losses.append(float(out.loss.detach()))
+                auxes.append(float(aux.detach()))
+                tokens += int(batch["attention_mask"].sum())
+                self.routing.add(routing_counts_by_sample(self.model), batch["domain_ids"])
+            self.step += 1
+            dt = time.perf_counter() - t0
+            step_times.append(dt)
+            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+                counts = torch.stack([m.last_stats.count_BE.sum(0) for m in mole_layers(self.model)]).sum(0)
+                load = float(counts.max() / counts.mean().clamp_min(1e-9)) if counts.sum() > 0 else 0.0
+                rec = {"loss": _mean(losses), "aux_loss": _mean(auxes),
+                       "balance": float(aux_losses(self.model)["balance"]),
+                       "lr": self.setup.scheduler.get_last_lr()[0], "tokens_per_s": tokens * self.world / dt,
+                       "step_s": dt, "expert_load_max_over_mean": load,
+                       "all_to_all_bytes": all_to_all_bytes(self.model)}
+                self.metrics.log(self.step, "train", rec)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", aux=f"{rec['aux_loss']:.4f}",
+                                tok_s=f"{rec['tokens_per_s']:.0f}", load=f"{load:.2f}")
+            bar.update(1)
+            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
+                last_eval = self.evaluate()
+                self.metrics.log(self.step, "eval", last_eval)
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.train.max_steps:
+                self.save()
+            if stop.agreed():
+                interrupted = True
+                break
+        bar.close()
+        ckpt = self.save()
+        if not interrupted:
+            last_eval = self.evaluate()
+            self.metrics.log(self.step, "eval", last_eval)
+        counts = self.routing.reduce()
+        summary = self._summary(ckpt, last_eval, counts, step_times, time.perf_counter() - t_start,
+                                self.step - first_step, interrupted)
+        if self.rank == 0:
+            write_routing_report(counts, self.domains, self.out,
+                                 title=f"MoLE routing ({cfg.mole.num_experts} experts, step {self.step})")
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        self.metrics.close()
+        return summary
+
+    def _summary(self, ckpt, evals, counts, step_times, wall, steps, interrupted) -> dict:
+        ex, other = expert_bytes(self.model)
+        st = sorted(step_times)
+        return {
+            "steps": self.step, "steps_this_run": steps, "interrupted": interrupted, "wall_s": round(wall, 2),
+            "median_step_s": st[len(st) // 2] if st else None, "checkpoint": str(ckpt),
+            "world_size": self.world, "ep_size": self.cfg.mole.ep_size, "zero_stage": ds_stage(self.ds),
+            "eval": evals, "routing_tokens_per_expert": counts.sum((0, 1)).tolist(),
+            "expert_param_bytes_per_rank": ex, "other_param_bytes_per_rank": other,
+            "patch": str(self.setup.report), "data_stats": dict(self.loader.stats),
+        }
