@@ -150,7 +150,8 @@ def strip_ds_config(ds: dict) -> tuple[dict, dict]:
     return ds, ours
 
 
-def setup_training(cfg: RunConfig, ds: dict, total_steps: int | None = None) -> TrainSetup:
+def setup_training(cfg: RunConfig, ds: dict, total_steps: int | None = None,
+                   base_dir: str | Path | None = None) -> TrainSetup:
     """Groups, model, MoLE patch (this rank's experts only), optimizer, schedule, ``deepspeed.initialize``."""
     import deepspeed
 
@@ -158,6 +159,10 @@ def setup_training(cfg: RunConfig, ds: dict, total_steps: int | None = None) -> 
     world = dist.get_world_size() if dist.is_initialized() else 1
     ep = create_expert_groups(cfg.mole.ep_size, cfg.mole.num_experts) if cfg.mole.ep_size > 1 else None
     model, processor = build_model(cfg.model, ds, seed=cfg.train.seed)
+    if base_dir is not None and cfg.model.path is None and (not dist.is_initialized() or dist.get_rank() == 0):
+        # The embedded base is built from a seed; keep it beside the run so exports can be loaded onto it.
+        model.save_pretrained(base_dir)
+        processor.save_pretrained(base_dir)
     torch.manual_seed(cfg.train.seed)  # expert init depends on (seed, layer, expert) only, not on ep_size
     report = patch_model_expert_parallel(model, cfg.mole, ep)
     stage = ds_stage(ds)

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from ..data import DataConfig, build_loader, model_inputs
+from ..export import save_consolidated
 from ..mole.collect import aux_loss, aux_losses, routing_counts_by_sample
 from ..parallel import all_to_all_bytes
 from ..patching import mole_layers
@@ -74,7 +75,7 @@ class Trainer:
         self.rank, self.world = _rank(), _world()
         self.out = Path(cfg.train.output_dir)
         self.ckpt_root = self.out / "checkpoints"
-        self.setup = setup_training(cfg, ds)
+        self.setup = setup_training(cfg, ds, base_dir=self.out / "base_model")
         self.engine = self.setup.engine
         self.model = self.engine.module
         self.micro = int(ds["train_micro_batch_size_per_gpu"])
@@ -119,9 +120,19 @@ class Trainer:
         return {"ep_size": self.cfg.mole.ep_size, "world_size": self.world, "num_experts": self.cfg.mole.num_experts,
                 "mole": self.cfg.mole.to_dict()}
 
+    def base_model_path(self) -> str:
+        return self.cfg.model.path or str((self.out / "base_model").resolve())
+
     def save(self) -> Path:
+        """DeepSpeed checkpoint (resumable) + ``mole.safetensors`` in it (consolidated, loadable anywhere)."""
         client = {"step": self.step, "data": self.loader.state_dict(), "routing": self.routing.counts.tolist()}
-        return save_checkpoint(self.engine, self.ckpt_root, self.step, client, self._meta(), keep=self.cfg.checkpoint.keep)
+        tag = save_checkpoint(self.engine, self.ckpt_root, self.step, client, self._meta(),
+                              keep=self.cfg.checkpoint.keep)
+        ep_group = self.setup.ep.ep_group if self.setup.ep is not None else None
+        save_consolidated(self.model, tag / "mole.safetensors", self.cfg.mole, ep_group,
+                          extra={"step": self.step, "base_model": self.base_model_path(),
+                                 "run_config": self.cfg.to_dict(), "domains": self.domains})
+        return tag
 
     def maybe_resume(self) -> None:
         tag = find_resume(self.cfg.checkpoint.resume, self.ckpt_root)
