@@ -116,6 +116,8 @@ def run(args) -> int:
     hf_logging.disable_progress_bar()  # keep stdout/stderr to the answer and the routing table
 
     path = resolve_consolidated(args.export)
+    if args.image is not None and not Path(args.image).is_file():
+        raise FileNotFoundError(f"--image {args.image}: no such file")
     _, cfg, extra = read_consolidated(path)
     base = args.base or extra.get("base_model")
     if not base:
@@ -133,10 +135,7 @@ def run(args) -> int:
             raise ValueError(f"--image given but the base model {base} is not a LLaVA model")
         from PIL import Image
 
-        image_path = Path(args.image)
-        if not image_path.is_file():
-            raise FileNotFoundError(f"--image {image_path}: no such file")
-        image = Image.open(image_path).convert("RGB")
+        image = Image.open(args.image).convert("RGB")
         inputs = processor(images=image, text=text, return_tensors="pt")
         inputs["pixel_values"] = inputs["pixel_values"].to(getattr(torch, args.dtype))
     else:
