@@ -112,6 +112,24 @@ def test_peft_adapter_equals_mole_forced_to_that_expert(peft_export):
                     assert (peft_logits[j] - ref).abs().max() > 1e-2, (j, k)
 
 
+def test_peft_adapter_on_a_causal_lm(tmp_path):
+    """LlamaForCausalLM: the decoder stack is model.layers (no language_model prefix)."""
+    from peft import PeftModel
+
+    from mole_ds.models.tiny import build_tiny_llama
+
+    cfg = MoLEConfig(num_experts=E, rank=4, alpha=8.0, dropout=0.0)
+    mole = build_tiny_llama(seed=2)
+    patch_model(mole, cfg)
+    _randomize(mole)
+    dirs = export_peft_adapters(save_consolidated(mole, tmp_path / "m.safetensors", cfg), tmp_path / "peft")
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        pm = PeftModel.from_pretrained(build_tiny_llama(seed=2), str(dirs[1])).eval()
+        _force_expert(mole, 1)
+        torch.testing.assert_close(pm(input_ids=ids).logits, mole(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_peft_adapter_targets_language_model_only(peft_export):
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
