@@ -21,6 +21,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from mole_ds.export import FORMAT, read_consolidated
 from mole_ds.peft_export import CONSOLIDATED_NAME, export_peft_adapters, resolve_consolidated
 
@@ -66,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # a corrupt file: safetensors raises its own error types
-        print(f"error: cannot read {args.input}: {type(e).__name__}: {e}", file=sys.stderr)
+    except SafetensorError as e:  # a truncated or corrupt file
+        print(f"error: cannot read {args.input}: {e}", file=sys.stderr)
         return 2
     _, cfg, extra = read_consolidated(written[0])
     print(f"source: {src} (step {extra.get('step', '?')}, {cfg.num_experts} experts, routing {cfg.routing}, "

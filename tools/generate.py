@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from mole_ds.data.conversation import build_segments
 from mole_ds.export import read_consolidated
@@ -105,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except SafetensorError as e:  # a truncated or corrupt file
+        print(f"error: cannot read {args.export}: {e}", file=sys.stderr)
         return 2
 
 

@@ -320,3 +320,7 @@ def test_generate_cli_errors_name_the_path(tiny_run, tmp_path, capsys):
     assert f"{tmp_path / 'none.safetensors'}: no such file" in capsys.readouterr().err
     assert gen.main([str(export), "--prompt", "x", "--image", str(tmp_path / "missing.png")]) == 2
     assert f"--image {tmp_path / 'missing.png'}: no such file" in capsys.readouterr().err
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00garbage")
+    assert gen.main([str(corrupt), "--prompt", "x"]) == 2
+    assert f"cannot read {corrupt}" in capsys.readouterr().err
