@@ -151,12 +151,11 @@ def strip_ds_config(ds: dict) -> tuple[dict, dict]:
 
 
 def setup_training(cfg: RunConfig, ds: dict, total_steps: int | None = None,
-                   base_dir: str | Path | None = None) -> TrainSetup:
+                   base_dir: str | Path | None = None, prepare_model=None) -> TrainSetup:
     """Groups, model, MoLE patch (this rank's experts only), optimizer, schedule, ``deepspeed.initialize``."""
     import deepspeed
 
     check_deepspeed_version()
-    world = dist.get_world_size() if dist.is_initialized() else 1
     ep = create_expert_groups(cfg.mole.ep_size, cfg.mole.num_experts) if cfg.mole.ep_size > 1 else None
     model, processor = build_model(cfg.model, ds, seed=cfg.train.seed)
     if base_dir is not None and cfg.model.path is None and (not dist.is_initialized() or dist.get_rank() == 0):
@@ -170,6 +169,8 @@ def setup_training(cfg: RunConfig, ds: dict, total_steps: int | None = None,
         model.add_module("deepspeed_moe_marker", _moe_marker(cfg.mole.num_experts, cfg.mole.ep_size))
     if cfg.model.path is None:
         model.to(model_dtype(cfg.model, ds))
+    if prepare_model is not None:  # e.g. tests forcing a routing, before DeepSpeed partitions anything
+        prepare_model(model)
     groups = param_groups(model, stage, cfg.mole.ep_size, cfg.train.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.999), eps=1e-8)
     steps = total_steps or cfg.train.max_steps
@@ -179,7 +180,6 @@ def setup_training(cfg: RunConfig, ds: dict, total_steps: int | None = None,
     ds.setdefault("zero_allow_untested_optimizer", True)
     engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                  config=ds)
-    _ = world
     return TrainSetup(engine, opt, sched, processor, report, ep, ds)
 
 

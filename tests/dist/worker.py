@@ -1,0 +1,145 @@
+"""One DeepSpeed rank of a distributed test run (launched by tests/dist/test_expert_parallel.py).
+
+Trains the embedded tiny LLaVA-MoLE for a few steps on fixed synthetic batches. The global batch is the same
+whatever the world size (each rank takes its slice), so a world-1 run is the reference for every layout.
+Writes to --out: losses.json (rank 0), final.safetensors (gathered trainable state, rank 0), rank{r}.json
+(what this rank holds), logits_rank{r}.pt (probe logits), and checkpoints when asked.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from mole_ds import MoLEConfig, aux_loss, routing_counts
+from mole_ds.export import gather_trainable_state, save_consolidated
+from mole_ds.train.checkpoint import find_resume, load_checkpoint, save_checkpoint
+from mole_ds.train.config import ModelSection, RunConfig, TrainSection
+from mole_ds.train.engine import setup_training
+
+GLOBAL_BATCH = 4
+TEXT_TOKENS = 12
+
+
+def make_batch(step: int, vocab: int, image_token: int, n_img: int) -> dict:
+    g = torch.Generator().manual_seed(1000 + step)
+    ids = torch.randint(5, vocab, (GLOBAL_BATCH, 1 + n_img + TEXT_TOKENS), generator=g)
+    ids[:, 0] = 1
+    ids[:, 1:1 + n_img] = image_token
+    labels = ids.clone()
+    labels[:, :1 + n_img] = -100  # every sample has the same number of supervised tokens
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+            "pixel_values": torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--local_rank", type=int, default=0)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--stage", type=int, default=3)
+    ap.add_argument("--ep", type=int, default=1)
+    ap.add_argument("--experts", type=int, default=4)
+    ap.add_argument("--routing", default="weighted")
+    ap.add_argument("--force-expert", type=int, default=-1)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--save-at", type=int, default=0)
+    ap.add_argument("--resume", default="none")
+    ap.add_argument("--export", action="store_true")
+    args = ap.parse_args()
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    mb = GLOBAL_BATCH // world
+    cfg = RunConfig(
+        model=ModelSection(tiny_layers=2, tiny_hidden=32),
+        mole=MoLEConfig(num_experts=args.experts, rank=4, alpha=8.0, dropout=0.0, routing=args.routing,
+                        ep_size=args.ep, balance_coef=0.01, z_loss_coef=0.001),
+        train=TrainSection(lr=1e-2, warmup_steps=0, min_lr_ratio=1.0, max_steps=args.steps, seed=0))
+    zero = {"stage": args.stage}
+    if args.stage == 3:
+        zero.update({"stage3_param_persistence_threshold": 0, "stage3_model_persistence_threshold": 0})
+    ds = {"train_micro_batch_size_per_gpu": mb, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+          "zero_optimization": zero, "bf16": {"enabled": False}, "steps_per_print": 10**9}
+
+    def force(model):
+        if args.force_expert < 0:
+            return
+        for layer in model.model.language_model.layers:
+            with torch.no_grad():
+                layer.mlp.router.weight.zero_()
+                layer.mlp.router.bias.fill_(-20.0)
+                layer.mlp.router.bias[args.force_expert] = 20.0
+
+    setup = setup_training(cfg, ds, base_dir=out / "base_model", prepare_model=force)
+    engine, model = setup.engine, setup.engine.module
+    ep_group = setup.ep.ep_group if setup.ep is not None else None
+    vocab = model.config.text_config.vocab_size
+    n_img = (32 // 8) ** 2
+    image_token = model.config.image_token_id
+
+    start = 0
+    tag = find_resume(args.resume, out / "checkpoints") if args.resume != "none" else None
+    if tag is not None:
+        client = load_checkpoint(engine, tag, args.ep, world, args.experts)
+        start = int(client["step"])
+
+    losses = []
+    for step in range(start, args.steps):
+        batch = make_batch(step, vocab, image_token, n_img)
+        mine = {k: v[rank * mb:(rank + 1) * mb] for k, v in batch.items()}
+        o = engine(**mine)
+        loss = o.loss + aux_loss(model)
+        engine.backward(loss)
+        engine.step()
+        t = loss.detach().clone()
+        dist.all_reduce(t)
+        losses.append(float(t) / world)
+        if args.save_at and step + 1 == args.save_at:
+            root = out / "checkpoints"
+            tagdir = save_checkpoint(engine, root, step + 1, {"step": step + 1},
+                                     {"ep_size": args.ep, "world_size": world, "num_experts": args.experts})
+            _ = tagdir
+
+    # What this rank holds.
+    held = {"experts": {}, "base": {}}
+    for name, p in model.named_parameters():
+        local = getattr(p, "ds_tensor", None)
+        n_local = int(local.numel()) if local is not None else int(p.numel())
+        n_full = int(getattr(p, "ds_numel", p.numel()))
+        if ".experts." in name:
+            held["experts"][name] = {"local_numel": n_local, "full_numel": n_full,
+                                     "experts_held": int(p.ds_shape[0] if hasattr(p, "ds_shape") else p.shape[0])}
+        elif not p.requires_grad:
+            held["base"][name] = {"local_numel": n_local, "full_numel": n_full}
+    (out / f"rank{rank}.json").write_text(json.dumps(held))
+
+    c = routing_counts(model).clone()  # last step's tokens per (layer, expert) on this rank
+    dist.all_reduce(c)
+    counts = c.tolist()
+    state = gather_trainable_state(model, ep_group, args.ep)
+    if args.export:
+        save_consolidated(model, out / "export.safetensors", cfg.mole, ep_group, extra={"base_model": str(out / "base_model")})
+        engine.eval()
+        with torch.no_grad():
+            probe = make_batch(999, vocab, image_token, n_img)
+            mine = {k: v[rank * mb:(rank + 1) * mb] for k, v in probe.items() if k != "labels"}
+            logits = engine(**mine).logits
+        torch.save(logits.detach().cpu(), out / f"logits_rank{rank}.pt")
+    if rank == 0:
+        from safetensors.torch import save_file
+
+        save_file(state, str(out / "final.safetensors"))
+        (out / "losses.json").write_text(json.dumps({"start": start, "losses": losses, "counts": counts}))
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
