@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install test test-unit test-dist demo bench clean
+.PHONY: install test test-unit test-dist demo demo-data bench clean
 
 $(BIN)/.installed: setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +29,14 @@ test-unit: install
 
 test-dist: install
 	$(BIN)/python -m pytest -q tests/dist
+
+demo-data: install
+	$(BIN)/python tools/make_demo_data.py --out demo_data
+
+# The main job on the embedded default: 2 CPU ranks, ZeRO-3 base, experts sharded 2 ways.
+demo: demo-data
+	$(BIN)/deepspeed --num_gpus 2 launchers/train.py --deepspeed ds_configs/zero3_ep.json \
+		--config launchers/configs/demo.yaml $(DEMO_ARGS)
 
 bench: install
 	$(BIN)/python tools/bench_mole.py

@@ -34,8 +34,12 @@ def launch(nprocs: int, out: Path, *args: str, expect_ok: bool = True) -> subpro
     cmd = [str(DEEPSPEED), "--num_gpus", str(nprocs), "--master_port", str(_free_port()), str(WORKER),
            "--out", str(out), *args]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    log = out.parent / f"{out.name}.log"
+    log.write_text(res.stdout + res.stderr)
     if expect_ok and res.returncode != 0:
-        pytest.fail(f"launch failed ({res.returncode}): {' '.join(cmd)}\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
+        errors = [ln for ln in (res.stdout + res.stderr).splitlines() if "Error" in ln and "File " not in ln]
+        pytest.fail(f"launch failed ({res.returncode}): {' '.join(cmd)}\nfull log: {log}\n"
+                    + "\n".join(errors[:20]) + "\n--- tail ---\n" + (res.stdout + res.stderr)[-3000:])
     return res
 
 

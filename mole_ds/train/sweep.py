@@ -1,0 +1,41 @@
+"""Launch probe runs (mole_ds/train/probe.py) one configuration at a time; shared by bench_ep and the
+scaling study. A failing point is recorded with its error and the sweep goes on."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+PROBE = Path(__file__).with_name("probe.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_point(world: int, args: dict, timeout: int = 900) -> dict:
+    """One probe launch on ``world`` ranks; returns its record, or {'error': ...} naming what failed."""
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "point.json"
+        cmd = [str(deepspeed), "--num_gpus", str(world), "--master_port", str(free_port()), str(PROBE),
+               "--out", str(out)]
+        for k, v in args.items():
+            cmd += [f"--{k.replace('_', '-')}", str(v)]
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+               "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "HF_HUB_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false"}
+        try:
+            res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {**args, "world_size": world, "error": f"timed out after {timeout}s"}
+        if res.returncode != 0 or not out.is_file():
+            tail = [ln for ln in (res.stdout + res.stderr).splitlines() if "Error" in ln or "error" in ln]
+            return {**args, "world_size": world, "error": (tail[-1] if tail else f"exit code {res.returncode}")[:500]}
+        return json.loads(out.read_text())
