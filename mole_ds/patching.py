@@ -31,6 +31,9 @@ class PatchReport:
     def __str__(self) -> str:
         kinds = ", ".join(f"{k} {v:,}" for k, v in self.trainable_by_kind.items())
         pct = 100.0 * self.trainable_params / max(self.total_params, 1)
+        if self.num_experts == 0:
+            return (f"{self.model_class}: no MoLE, LLM + projector trained in full: trainable "
+                    f"{self.trainable_params:,} of {self.total_params:,}")
         held = "" if self.local_experts in (0, self.num_experts) else f" ({self.local_experts} held here)"
         return (f"{self.model_class}: {self.layers} MoLE MLPs x {self.num_experts} experts{held}, "
                 f"{len(self.attn_lora_modules)} attention LoRA modules; trainable {self.trainable_params:,} of "

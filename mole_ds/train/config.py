@@ -28,6 +28,9 @@ class ModelSection:
     """Embedded default only: decoder layers of the tiny LLM."""
     tiny_hidden: int = 64
     """Embedded default only: hidden size of the tiny LLM."""
+    train_base: bool = False
+    """Train the whole LLM and projector instead of patching MoLE (vision tower frozen); each checkpoint then
+    holds a transformers directory ``model/``. Used to pretrain a small base; ZeRO stage 0-2 only."""
 
 
 @dataclass
@@ -230,6 +233,10 @@ def check_against_deepspeed(cfg: RunConfig, ds: dict[str, Any], world_size: int)
         p.append(f"train.warmup_steps ({cfg.train.warmup_steps}) must be <= train.max_steps ({cfg.train.max_steps})")
     if cfg.checkpoint.resume not in ("none", "auto") and not Path(cfg.checkpoint.resume).is_dir():
         p.append(f"checkpoint.resume ({cfg.checkpoint.resume!r}) must be none, auto or an existing checkpoint directory")
+    if cfg.model.train_base and stage == 3:
+        p.append("model.train_base (true) needs zero_optimization.stage 0, 1 or 2 (got 3)")
+    if cfg.model.train_base and cfg.mole.ep_size > 1:
+        p.append(f"model.train_base (true) trains no experts: mole.ep_size ({cfg.mole.ep_size}) must be 1")
     if cfg.model.dtype not in ("auto", "bf16", "fp32"):
         p.append(f"model.dtype ({cfg.model.dtype!r}) must be auto, bf16 or fp32")
     return p

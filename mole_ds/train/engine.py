@@ -85,6 +85,22 @@ def build_model(section: ModelSection, ds: dict, seed: int = 0):
     return model, processor
 
 
+def unfreeze_base(model: torch.nn.Module) -> PatchReport:
+    """Full training of the LLM and projector (no MoLE); the vision tower stays frozen."""
+    from ..patching import find_language_model, find_projector
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    parts = [find_language_model(model), find_projector(model), getattr(model, "lm_head", None)]
+    for part in parts:
+        if part is not None:
+            for p in part.parameters():
+                p.requires_grad_(True)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return PatchReport(type(model).__name__, len(find_language_model(model).layers), 0, trainable_params=n_train,
+                       total_params=sum(p.numel() for p in model.parameters()), trainable_by_kind={"base": n_train})
+
+
 def warmup_cosine(warmup: int, total: int, min_ratio: float):
     def f(step: int) -> float:
         if step < warmup:
@@ -163,7 +179,10 @@ def setup_training(cfg: RunConfig, ds: dict, total_steps: int | None = None,
         model.save_pretrained(base_dir)
         processor.save_pretrained(base_dir)
     torch.manual_seed(cfg.train.seed)  # expert init depends on (seed, layer, expert) only, not on ep_size
-    report = patch_model_expert_parallel(model, cfg.mole, ep)
+    if cfg.model.train_base:
+        report = unfreeze_base(model)
+    else:
+        report = patch_model_expert_parallel(model, cfg.mole, ep)
     stage = ds_stage(ds)
     if ep is not None and stage in (1, 2):
         model.add_module("deepspeed_moe_marker", _moe_marker(cfg.mole.num_experts, cfg.mole.ep_size))

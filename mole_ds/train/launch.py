@@ -76,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{summary['other_param_bytes_per_rank']:,} B")
         for k, v in summary["eval"].items():
             print(f"eval {k}: {v:.4f}")
-        print(f"tokens per expert (all layers): {[int(x) for x in summary['routing_tokens_per_expert']]}")
         print(f"checkpoint: {summary['checkpoint']}")
-        print(f"metrics: {out / 'metrics.jsonl'}  routing: {out / 'routing.png'}  summary: {out / 'summary.json'}")
+        if cfg.model.train_base:
+            print(f"metrics: {out / 'metrics.jsonl'}  summary: {out / 'summary.json'}")
+        else:
+            print(f"tokens per expert (all layers): {[int(x) for x in summary['routing_tokens_per_expert']]}")
+            print(f"metrics: {out / 'metrics.jsonl'}  routing: {out / 'routing.png'}  summary: {out / 'summary.json'}")
     return 0

@@ -89,6 +89,7 @@ class Trainer:
         self.vision_sync = VisionSync(self.model) if (ds_stage(ds) == 3 and hasattr(self.model, "model")
                                                      and hasattr(self.model.model, "vision_tower")) else None
         n_layers = len(mole_layers(self.model))
+        self.has_mole = n_layers > 0
         self.routing = RoutingTracker(n_layers, cfg.mole.num_experts, self.domains)
         self.metrics = MetricsWriter(self.out, enabled=self.rank == 0)
         self.progress = progress and self.rank == 0
@@ -128,6 +129,13 @@ class Trainer:
         client = {"step": self.step, "data": self.loader.state_dict(), "routing": self.routing.counts.tolist()}
         tag = save_checkpoint(self.engine, self.ckpt_root, self.step, client, self._meta(),
                               keep=self.cfg.checkpoint.keep)
+        if self.cfg.model.train_base:
+            if self.rank == 0:  # ZeRO 0-2 keep full weights on every rank
+                self.model.save_pretrained(tag / "model")
+                self.setup.processor.save_pretrained(tag / "model")
+            if dist.is_initialized():
+                dist.barrier()
+            return tag
         ep_group = self.setup.ep.ep_group if self.setup.ep is not None else None
         save_consolidated(self.model, tag / "mole.safetensors", self.cfg.mole, ep_group,
                           extra={"step": self.step, "base_model": self.base_model_path(),
@@ -195,21 +203,24 @@ class Trainer:
             for _ in range(self.accum):
                 batch = self._next_batch()
                 out = self._forward(batch)
-                aux = aux_loss(self.model)
+                aux = aux_loss(self.model) if self.has_mole else out.loss.new_zeros(())
                 self.engine.backward(out.loss + aux)
                 self.engine.step()
                 losses.append(float(out.loss.detach()))
                 auxes.append(float(aux.detach()))
                 tokens += int(batch["attention_mask"].sum())
-                self.routing.add(routing_counts_by_sample(self.model), batch["domain_ids"])
+                if self.has_mole:
+                    self.routing.add(routing_counts_by_sample(self.model), batch["domain_ids"])
             self.step += 1
             dt = time.perf_counter() - t0
             step_times.append(dt)
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
-                counts = torch.stack([m.last_stats.count_BE.sum(0) for m in mole_layers(self.model)]).sum(0)
-                load = float(counts.max() / counts.mean().clamp_min(1e-9)) if counts.sum() > 0 else 0.0
-                rec = {"loss": _mean(losses), "aux_loss": _mean(auxes),
-                       "balance": float(aux_losses(self.model)["balance"]),
+                load, balance = 0.0, 0.0
+                if self.has_mole:
+                    counts = torch.stack([m.last_stats.count_BE.sum(0) for m in mole_layers(self.model)]).sum(0)
+                    load = float(counts.max() / counts.mean().clamp_min(1e-9)) if counts.sum() > 0 else 0.0
+                    balance = float(aux_losses(self.model)["balance"])
+                rec = {"loss": _mean(losses), "aux_loss": _mean(auxes), "balance": balance,
                        "lr": self.setup.scheduler.get_last_lr()[0], "tokens_per_s": tokens * self.world / dt,
                        "step_s": dt, "expert_load_max_over_mean": load,
                        "all_to_all_bytes": all_to_all_bytes(self.model)}
@@ -233,7 +244,7 @@ class Trainer:
         counts = self.routing.reduce()
         summary = self._summary(ckpt, last_eval, counts, step_times, time.perf_counter() - t_start,
                                 self.step - first_step, interrupted)
-        if self.rank == 0:
+        if self.rank == 0 and self.has_mole:
             write_routing_report(counts, self.domains, self.out,
                                  title=f"MoLE routing ({cfg.mole.num_experts} experts, step {self.step})")
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
