@@ -76,6 +76,19 @@ def check_topology(meta: dict, ep_size: int, world_size: int, num_experts: int, 
             "start a new run from the consolidated weights (model.init_from=<file>.safetensors).")
 
 
+CONSOLIDATED = "mole.safetensors"
+
+
+def save_training_checkpoint(engine, root: str | Path, step: int, client_state: dict, meta: dict, mole_config,
+                             ep_group=None, keep: int = 0, extra: dict | None = None) -> Path:
+    """DeepSpeed checkpoint + the consolidated ``mole.safetensors`` (all experts) inside the same tag."""
+    from ..export import save_consolidated
+
+    tag = save_checkpoint(engine, root, step, client_state, meta, keep=keep)
+    save_consolidated(engine.module, tag / CONSOLIDATED, mole_config, ep_group, extra={"step": step, **(extra or {})})
+    return tag
+
+
 def load_checkpoint(engine, tag_dir: Path, ep_size: int, world_size: int, num_experts: int) -> dict:
     """Load model, optimizer and scheduler state; returns the client state saved with it."""
     meta = json.loads((tag_dir / META).read_text())
@@ -84,4 +97,26 @@ def load_checkpoint(engine, tag_dir: Path, ep_size: int, world_size: int, num_ex
                                           load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
+    if ep_size > 1 and engine.zero_optimization_stage() < 3:
+        _restore_local_experts(engine.module, tag_dir / CONSOLIDATED)
     return client or {}
+
+
+def _restore_local_experts(model, consolidated: Path) -> None:
+    # ZeRO-1/2 write the module's weights from rank 0 only, so after load_checkpoint every rank's live expert
+    # tensors hold rank 0's experts (the fp32 optimizer partitions are right). Copy each rank's own slice
+    # back from the consolidated file saved with the checkpoint.
+    import torch
+    from safetensors import safe_open
+
+    from ..patching import mole_layers
+
+    if not consolidated.is_file():
+        raise RuntimeError(f"{consolidated} is missing: a ZeRO-1/2 expert-parallel checkpoint needs it to restore "
+                           "each rank's experts")
+    names = {id(p): n for n, p in model.named_parameters()}
+    with safe_open(str(consolidated), framework="pt") as f, torch.no_grad():
+        for mlp in mole_layers(model):
+            lo, n = mlp.experts.expert_offset, mlp.experts.num_experts
+            for p in mlp.experts.parameters():
+                p.copy_(f.get_slice(names[id(p)])[lo:lo + n].to(p.dtype))

@@ -132,7 +132,7 @@ def _moe_marker(num_experts: int, ep_size: int):
             torch.nn.Module.__init__(self)
             self.num_experts, self.ep_size = num_experts, ep_size
             self.expert_group_name = f"ep_size_{ep_size}"
-            self.num_local_experts = num_experts // ep_size
+            self.num_local_experts = 0  # DeepSpeed then writes/reads no MoE expert files of its own
 
         def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
             pass  # our groups already exist

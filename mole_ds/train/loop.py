@@ -10,11 +10,10 @@ import torch
 import torch.distributed as dist
 
 from ..data import DataConfig, build_loader, model_inputs
-from ..export import save_consolidated
 from ..mole.collect import aux_loss, aux_losses, routing_counts_by_sample
 from ..parallel import all_to_all_bytes
 from ..patching import mole_layers
-from .checkpoint import find_resume, load_checkpoint, save_checkpoint
+from .checkpoint import find_resume, load_checkpoint, save_checkpoint, save_training_checkpoint
 from .config import RunConfig
 from .engine import ds_stage, expert_bytes, setup_training
 from .metrics import MetricsWriter, RoutingTracker, write_routing_report
@@ -127,9 +126,9 @@ class Trainer:
     def save(self) -> Path:
         """DeepSpeed checkpoint (resumable) + ``mole.safetensors`` in it (consolidated, loadable anywhere)."""
         client = {"step": self.step, "data": self.loader.state_dict(), "routing": self.routing.counts.tolist()}
-        tag = save_checkpoint(self.engine, self.ckpt_root, self.step, client, self._meta(),
-                              keep=self.cfg.checkpoint.keep)
         if self.cfg.model.train_base:
+            tag = save_checkpoint(self.engine, self.ckpt_root, self.step, client, self._meta(),
+                                  keep=self.cfg.checkpoint.keep)
             if self.rank == 0:  # ZeRO 0-2 keep full weights on every rank
                 self.model.save_pretrained(tag / "model")
                 self.setup.processor.save_pretrained(tag / "model")
@@ -137,10 +136,10 @@ class Trainer:
                 dist.barrier()
             return tag
         ep_group = self.setup.ep.ep_group if self.setup.ep is not None else None
-        save_consolidated(self.model, tag / "mole.safetensors", self.cfg.mole, ep_group,
-                          extra={"step": self.step, "base_model": self.base_model_path(),
-                                 "run_config": self.cfg.to_dict(), "domains": self.domains})
-        return tag
+        return save_training_checkpoint(self.engine, self.ckpt_root, self.step, client, self._meta(), self.cfg.mole,
+                                        ep_group, keep=self.cfg.checkpoint.keep,
+                                        extra={"base_model": self.base_model_path(), "run_config": self.cfg.to_dict(),
+                                               "domains": self.domains})
 
     def maybe_resume(self) -> None:
         tag = find_resume(self.cfg.checkpoint.resume, self.ckpt_root)

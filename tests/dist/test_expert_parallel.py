@@ -53,17 +53,19 @@ def runs(tmp_path_factory):
         r[name] = root / name
         launch(n, r[name], *args)
 
-    go("ref", 1, "--stage", "0", "--ep", "1", "--steps", "3")
-    go("z3_w4_ep2", 4, "--stage", "3", "--ep", "2", "--steps", "3", "--export")
-    go("z3_w4_ep4", 4, "--stage", "3", "--ep", "4", "--steps", "3")
-    go("z2_w2_ep2", 2, "--stage", "2", "--ep", "2", "--steps", "3")
-    go("z3_w2_dp", 2, "--stage", "3", "--ep", "1", "--steps", "3")
-    go("ref_forced", 1, "--stage", "0", "--ep", "1", "--steps", "3", "--routing", "sparse", "--force-expert", "3")
-    go("z3_w2_ep2_forced", 2, "--stage", "3", "--ep", "2", "--steps", "3", "--routing", "sparse",
-       "--force-expert", "3")
-    go("resume_a", 2, "--stage", "3", "--ep", "2", "--steps", "4", "--save-at", "2")
-    r["ckpt"] = r["resume_a"] / "checkpoints" / "step00000002"
-    go("resume_b", 2, "--stage", "3", "--ep", "2", "--steps", "4", "--resume", str(r["ckpt"]))
+    # Every run takes 4 optimizer steps on the same global batches.
+    go("ref", 1, "--stage", "0", "--ep", "1")
+    go("z3_w4_ep2", 4, "--stage", "3", "--ep", "2", "--export")
+    go("z3_w4_ep4", 4, "--stage", "3", "--ep", "4")
+    go("z3_w2_ep2", 2, "--stage", "3", "--ep", "2", "--save-at", "2")
+    go("z2_w2_ep2", 2, "--stage", "2", "--ep", "2", "--save-at", "2")
+    go("z3_w2_dp", 2, "--stage", "3", "--ep", "1")
+    go("ref_forced", 1, "--stage", "0", "--ep", "1", "--routing", "sparse", "--force-expert", "3")
+    go("z3_w2_ep2_forced", 2, "--stage", "3", "--ep", "2", "--routing", "sparse", "--force-expert", "3")
+    # Restart from step 2 of the two saving runs, in fresh processes.
+    for stage, name in (("3", "z3_w2_ep2"), ("2", "z2_w2_ep2")):
+        r[f"{name}_ckpt"] = r[name] / "checkpoints" / "step00000002"
+        go(f"{name}_resumed", 2, "--stage", stage, "--ep", "2", "--resume", str(r[f"{name}_ckpt"]))
     return r
 
 
@@ -79,10 +81,10 @@ def _assert_same_state(a: Path, b: Path, atol: float) -> None:
         torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=atol, msg=k)
 
 
-@pytest.mark.parametrize("name", ["z3_w4_ep2", "z3_w4_ep4", "z2_w2_ep2", "z3_w2_dp"])
+@pytest.mark.parametrize("name", ["z3_w4_ep2", "z3_w4_ep4", "z3_w2_ep2", "z2_w2_ep2", "z3_w2_dp"])
 def test_sharded_run_equals_single_process(runs, name):
     ref, got = _losses(runs["ref"]), _losses(runs[name])
-    assert len(got["losses"]) == 3
+    assert len(got["losses"]) == 4
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=0, atol=1e-5)
     _assert_same_state(runs["ref"], runs[name], atol=2e-5)
     # The weights did move (the comparison is not between two untouched initialisations).
@@ -120,18 +122,18 @@ def test_each_rank_holds_its_share(runs, name, ep, world):
             assert h["local_numel"] == -(-h["full_numel"] // world), pname  # frozen base: 1/world per rank
 
 
-def test_resume_equals_uninterrupted(runs):
-    a, b = _losses(runs["resume_a"]), _losses(runs["resume_b"])
+@pytest.mark.parametrize("name", ["z3_w2_ep2", "z2_w2_ep2"])
+def test_resume_equals_uninterrupted(runs, name):
+    # ZeRO-2 needs each rank's experts restored from the checkpoint's consolidated file (DeepSpeed writes the
+    # module weights from rank 0 only): this test fails without that.
+    a, b = _losses(runs[name]), _losses(runs[f"{name}_resumed"])
     assert b["start"] == 2 and len(b["losses"]) == 2
     torch.testing.assert_close(torch.tensor(b["losses"]), torch.tensor(a["losses"][2:]), rtol=0, atol=1e-6)
-    _assert_same_state(runs["resume_a"], runs["resume_b"], atol=1e-6)
-    # ... and the first three steps of the 4-step run are the reference's three steps.
-    torch.testing.assert_close(torch.tensor(a["losses"][:3]), torch.tensor(_losses(runs["ref"])["losses"]),
-                               rtol=0, atol=1e-5)
+    _assert_same_state(runs[name], runs[f"{name}_resumed"], atol=1e-6)
 
 
 def test_checkpoint_from_another_ep_size_is_refused(runs, tmp_path):
-    res = launch(2, tmp_path / "refused", "--stage", "3", "--ep", "1", "--steps", "4", "--resume", str(runs["ckpt"]),
+    res = launch(2, tmp_path / "refused", "--stage", "3", "--ep", "1", "--resume", str(runs["z3_w2_ep2_ckpt"]),
                  expect_ok=False)
     assert res.returncode != 0
     text = res.stdout + res.stderr

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from mole_ds import MoLEConfig, aux_loss, routing_counts
 from mole_ds.export import gather_trainable_state, save_consolidated
-from mole_ds.train.checkpoint import find_resume, load_checkpoint, save_checkpoint
+from mole_ds.train.checkpoint import find_resume, load_checkpoint, save_training_checkpoint
 from mole_ds.train.config import ModelSection, RunConfig, TrainSection
 from mole_ds.train.engine import setup_training
 
@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--routing", default="weighted")
     ap.add_argument("--force-expert", type=int, default=-1)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--save-at", type=int, default=0)
     ap.add_argument("--resume", default="none")
     ap.add_argument("--export", action="store_true")
@@ -102,10 +102,9 @@ def main() -> None:
         dist.all_reduce(t)
         losses.append(float(t) / world)
         if args.save_at and step + 1 == args.save_at:
-            root = out / "checkpoints"
-            tagdir = save_checkpoint(engine, root, step + 1, {"step": step + 1},
-                                     {"ep_size": args.ep, "world_size": world, "num_experts": args.experts})
-            _ = tagdir
+            save_training_checkpoint(engine, out / "checkpoints", step + 1, {"step": step + 1},
+                                     {"ep_size": args.ep, "world_size": world, "num_experts": args.experts},
+                                     cfg.mole, ep_group)
 
     # What this rank holds.
     held = {"experts": {}, "base": {}}
