@@ -108,7 +108,8 @@ class StreamingLoader:
         self.dataset.worker_offset = self.steps % self.cfg.workers_per_rank
         nw = self.cfg.num_workers
         dl = DataLoader(self.dataset, batch_size=None, num_workers=nw, prefetch_factor=2 if nw else None,
-                        multiprocessing_context="fork" if nw else None)
+                        multiprocessing_context="fork" if nw else None,
+                        worker_init_fn=_ignore_stop_signals if nw else None)
         for batch in dl:
             pos = batch.pop("_pos")
             self.stats.update(batch.pop("_stats"))
@@ -117,6 +118,15 @@ class StreamingLoader:
             yield batch
         self.epoch, self.steps = self.epoch + 1, 0
         self.positions = [None] * self.cfg.workers_per_rank
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    # SIGINT/SIGTERM are the trainer's to handle (it saves a final checkpoint at the next step boundary);
+    # a launcher that signals the whole process tree must not kill the workers under it first.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_loader(cfg: DataConfig, processor, rank: int | None = None, world_size: int | None = None) -> StreamingLoader:

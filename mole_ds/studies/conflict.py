@@ -174,13 +174,14 @@ def _export_params(path: Path) -> int:
     return n
 
 
-def _routing_counts(run_dir: Path) -> list | None:
-    """[layer][domain][expert] token counts rebuilt from routing.json (None if absent)."""
+def _routing_counts(run_dir: Path, domains: list[str]) -> list | None:
+    """[layer][domain][expert] token counts rebuilt from routing.json, domains in ``domains`` order (None if
+    absent)."""
     p = run_dir / "routing.json"
     if not p.is_file():
         return None
     r = json.loads(p.read_text())
-    return [[[layer[d]["tokens"] * f for f in layer[d]["fraction"]] for d in r["domains"]] for layer in r["layers"]]
+    return [[[layer[d]["tokens"] * f for f in layer[d]["fraction"]] for d in domains] for layer in r["layers"]]
 
 
 def specialisation(counts_DE: list[list[float]]) -> float:
@@ -225,7 +226,7 @@ def run_one(cfg: ConflictConfig, spec: RunSpec, data: Path, base: str, log=print
         rec["loss"] = {d: res.eval.get(f"loss/{d}") for d in spec.train_domains}
         rec["first_train_loss"] = res.train_losses[0] if res.train_losses else None
         rec["last_train_loss"] = res.train_losses[-1] if res.train_losses else None
-        rec["routing_counts"] = _routing_counts(out) if spec.experts > 1 else None
+        rec["routing_counts"] = _routing_counts(out, spec.train_domains) if spec.experts > 1 else None
         from .answers import exact_match_file, load_run_model
 
         model, processor = load_run_model(base, export)

@@ -22,8 +22,10 @@ def _aligned(n: int, dtype: torch.dtype) -> bool:
 def grouped_matmul(x_RI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """Rows grouped by expert times their expert's (I, O) matrix: y[rows of e] = x[rows of e] @ w[e]."""
     if x_RI.shape[0] == 0:
-        # Keep the graph connected so every expert parameter still gets a (zero) gradient.
-        return x_RI.new_zeros(0, w_EIO.shape[2]) + 0.0 * w_EIO.sum()
+        # An empty product that stays connected to both the rows and the weights: every expert tensor gets a
+        # (zero) gradient, and under expert parallelism the backward all-to-all of the (empty) received rows
+        # still runs on this rank - skipping it leaves the peers waiting forever.
+        return x_RI @ w_EIO[0]
     if not (_aligned(w_EIO.shape[1], x_RI.dtype) and _aligned(w_EIO.shape[2], x_RI.dtype)):
         # Odd feature sizes: per-group matmuls on contiguous slices (still dropless, still no masks).
         outs = [x @ w for x, w in zip(torch.split(x_RI, counts_E.tolist()), w_EIO.unbind(0))]

@@ -1,0 +1,135 @@
+"""The product end to end: `deepspeed launchers/train.py` on 2 CPU ranks (ZeRO-3, ep_size 2) over demo shards,
+resume, clean shutdown on SIGTERM, and export."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.dist.test_expert_parallel import _free_port
+
+pytestmark = pytest.mark.dist
+
+ROOT = Path(__file__).resolve().parents[2]
+PY = Path(sys.executable)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
+       "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+
+
+def train_cmd(data: Path, out: Path, *overrides: str) -> list[str]:
+    return [str(PY.with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(_free_port()),
+            str(ROOT / "launchers/train.py"), "--deepspeed", str(ROOT / "ds_configs/zero3_ep.json"),
+            "--config", str(ROOT / "launchers/configs/demo.yaml"),
+            "--data.train", str(data / "shards/train/manifest.json"), "--data.eval", str(data / "shards/eval/manifest.json"),
+            "--data.num_workers", "1", "--train.output_dir", str(out), "--train.warmup_steps", "2",
+            "--train.log_every", "1", "--train.eval_every", "0", "--checkpoint.every", "3", *overrides]
+
+
+def run(cmd: list[str], log: Path) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    log.write_text(res.stdout + res.stderr)
+    if res.returncode != 0:
+        errors = [ln for ln in (res.stdout + res.stderr).splitlines() if "Error" in ln and "File " not in ln]
+        pytest.fail(f"command failed ({res.returncode}), log {log}:\n" + "\n".join(errors[:20])
+                    + "\n--- tail ---\n" + (res.stdout + res.stderr)[-3000:])
+    return res
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("launcher")
+    data = root / "data"
+    subprocess.run([str(PY), str(ROOT / "tools/make_demo_data.py"), "--out", str(data), "--train-per-domain", "24",
+                    "--eval-per-domain", "8", "--max-samples", "8"], env=ENV, check=True, capture_output=True, cwd=ROOT)
+    full, part = root / "full", root / "part"
+    r_full = run(train_cmd(data, full, "--train.max_steps", "6"), root / "full.log")
+    run(train_cmd(data, part, "--train.max_steps", "3"), root / "part1.log")
+    r_resumed = run(train_cmd(data, part, "--train.max_steps", "6", "--checkpoint.resume", "auto"), root / "part2.log")
+    return {"root": root, "data": data, "full": full, "part": part, "full_out": r_full.stdout,
+            "resumed_out": r_resumed.stdout}
+
+
+def _train_losses(out: Path) -> dict[int, float]:
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
+
+
+def test_run_writes_everything_a_person_reads(demo):
+    out = demo["full"]
+    for name in ("metrics.jsonl", "routing.json", "routing.png", "summary.json", "base_model/config.json"):
+        assert (out / name).is_file(), name
+    assert any((out / "tensorboard").iterdir())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["zero_stage"] == 3 and summary["ep_size"] == 2
+    assert set(summary["eval"]) >= {"loss/general", "loss/document", "loss/chart", "loss/all"}
+    routing = json.loads((out / "routing.json").read_text())
+    assert routing["domains"] == ["chart", "document", "general"] and len(routing["layers"]) == 2
+    assert "=== mole_ds run summary ===" in demo["full_out"]
+    tag = out / "checkpoints" / "step00000006"
+    assert (tag / "mole_meta.json").is_file() and (tag / "mole.safetensors").is_file()
+
+
+def test_resume_auto_continues_exactly(demo):
+    assert "resumed from" in demo["resumed_out"] and "at step 3" in demo["resumed_out"]
+    full, part = _train_losses(demo["full"]), _train_losses(demo["part"])
+    for step in (4, 5, 6):  # same batches (data position restored) and same weights/optimizer/scheduler
+        assert part[step] == pytest.approx(full[step], abs=1e-5), step
+    a = load_file(str(demo["full"] / "checkpoints/step00000006/mole.safetensors"))
+    b = load_file(str(demo["part"] / "checkpoints/step00000006/mole.safetensors"))
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_export_load_and_peft_adapters(demo, tmp_path):
+    out = tmp_path / "export"
+    subprocess.run([str(PY), str(ROOT / "tools/export.py"), str(demo["full"]), "--out", str(out), "--peft"],
+                   env=ENV, check=True, capture_output=True, cwd=ROOT)
+    from peft import PeftModel
+    from transformers import LlavaForConditionalGeneration
+
+    import mole_ds
+
+    base_dir = demo["full"] / "base_model"
+    mole = LlavaForConditionalGeneration.from_pretrained(base_dir).eval()
+    mole_ds.load_mole(out / "mole.safetensors", mole)
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46]])
+    for k in range(4):
+        for layer in mole.model.language_model.layers:
+            with torch.no_grad():
+                layer.mlp.router.weight.zero_()
+                layer.mlp.router.bias.fill_(-30.0)
+                layer.mlp.router.bias[k] = 30.0
+        peft = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(base_dir), out / "peft" / f"expert_{k}").eval()
+        with torch.no_grad():
+            torch.testing.assert_close(mole(input_ids=ids).logits, peft(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_sigterm_saves_a_final_checkpoint_and_resumes(demo):
+    out = demo["root"] / "interrupted"
+    log = open(demo["root"] / "interrupted.log", "w")
+    proc = subprocess.Popen(train_cmd(demo["data"], out, "--train.max_steps", "100000", "--checkpoint.every", "0"),
+                            env=ENV, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None, f"training exited early, see {log.name}"
+        time.sleep(1)
+    proc.send_signal(signal.SIGTERM)  # to the deepspeed launcher, which passes it on to the ranks
+    proc.wait(timeout=300)
+    log.close()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is True and 2 <= summary["steps"] < 100000
+    tag = out / "checkpoints" / f"step{summary['steps']:08d}"
+    assert (tag / "mole_meta.json").is_file() and (tag / "mole.safetensors").is_file()
+    res = run(train_cmd(demo["data"], out, "--train.max_steps", str(summary["steps"] + 1), "--checkpoint.resume", "auto"),
+              demo["root"] / "after_interrupt.log")
+    assert f"at step {summary['steps']}" in res.stdout
