@@ -97,6 +97,7 @@ def patch_model(model: nn.Module, config: MoLEConfig, *, expert_offset: int = 0,
     if mole_layers(model):
         raise ValueError(f"{type(model).__name__} is already patched with MoLE layers")
     lm = find_language_model(model)
+    was_training = model.training
     for p in model.parameters():
         p.requires_grad_(False)
 
@@ -132,6 +133,7 @@ def patch_model(model: nn.Module, config: MoLEConfig, *, expert_offset: int = 0,
 
     lm.register_forward_pre_hook(_mask_hook(mole_layers(model)), with_kwargs=True)
     model.mole_config = config
+    model.train(was_training)  # new modules (with dropout) take the mode of the model they joined
 
     kinds = {"experts": 0, "routers": 0, "attn_lora": 0, "projector": 0}
     for name, p in model.named_parameters():

@@ -13,6 +13,7 @@ import os
 from collections import Counter
 from typing import Iterator
 
+import torch
 from torch.utils.data import DataLoader
 
 from mole_ds.data.config import DataConfig
@@ -109,7 +110,10 @@ class StreamingLoader:
         nw = self.cfg.num_workers
         dl = DataLoader(self.dataset, batch_size=None, num_workers=nw, prefetch_factor=2 if nw else None,
                         multiprocessing_context="fork" if nw else None,
-                        worker_init_fn=_ignore_stop_signals if nw else None)
+                        worker_init_fn=_ignore_stop_signals if nw else None,
+                        # Its own generator: creating an iterator must not consume the global torch RNG
+                        # (dropout), or a resumed run would diverge from an uninterrupted one.
+                        generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch))
         for batch in dl:
             pos = batch.pop("_pos")
             self.stats.update(batch.pop("_stats"))

@@ -31,7 +31,9 @@ def generation_prompt(question: str) -> str:
 def load_base(path: str | Path):
     """(model, processor) of a local transformers LLaVA directory, fp32, eval mode, offline."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # keep study logs to one line per run
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval()
     return model, AutoProcessor.from_pretrained(path, local_files_only=True)
 

@@ -23,11 +23,37 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def _rng_state() -> dict:
+    import random
+
+    import torch
+
+    st = {"torch": torch.get_rng_state().tolist(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    import random
+
+    import torch
+
+    torch.set_rng_state(torch.tensor(st["torch"], dtype=torch.uint8))
+    v, internal, gauss = st["python"]
+    random.setstate((v, tuple(internal), gauss))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in st["cuda"]])
+
+
 def save_checkpoint(engine, root: str | Path, step: int, client_state: dict, meta: dict, keep: int = 0) -> Path:
-    """Save through DeepSpeed (model, optimizer, scheduler, client state), then mark the tag complete."""
+    """Save through DeepSpeed (model, optimizer, scheduler, client state) and every rank's RNG state (dropout
+    must continue exactly), then mark the tag complete."""
     root = Path(root)
     tag = f"step{step:08d}"
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
+    (root / tag / "rng").mkdir(exist_ok=True)
+    (root / tag / "rng" / f"rank{_rank()}.json").write_text(json.dumps(_rng_state()))
     _barrier()
     if _rank() == 0:
         (root / tag / META).write_text(json.dumps({**meta, "step": step, "tag": tag, "complete": True}, indent=1))
@@ -99,6 +125,9 @@ def load_checkpoint(engine, tag_dir: Path, ep_size: int, world_size: int, num_ex
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
     if ep_size > 1 and engine.zero_optimization_stage() < 3:
         _restore_local_experts(engine.module, tag_dir / CONSOLIDATED)
+    rng = tag_dir / "rng" / f"rank{_rank()}.json"
+    if rng.is_file():
+        _set_rng_state(json.loads(rng.read_text()))
     return client or {}
 
 

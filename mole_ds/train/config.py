@@ -54,7 +54,10 @@ class DataSection:
 @dataclass
 class TrainSection:
     max_steps: int = 100
-    """Optimizer steps."""
+    """Optimizer steps of the whole run (the schedule spans these)."""
+    run_steps: int = 0
+    """At most this many steps in this invocation, then checkpoint and exit (0 = until max_steps); for jobs
+    with a time slot, resumed with checkpoint.resume auto."""
     lr: float = 2e-4
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1

@@ -193,10 +193,11 @@ class Trainer:
         self.engine.train()
         t_start = time.perf_counter()
         first_step = self.step
+        end = cfg.train.max_steps if cfg.train.run_steps <= 0 else min(cfg.train.max_steps, self.step + cfg.train.run_steps)
         last_eval: dict = {}
         step_times: list[float] = []
         interrupted = False
-        while self.step < cfg.train.max_steps:
+        while self.step < end:
             t0 = time.perf_counter()
             losses, auxes, tokens = [], [], 0
             for _ in range(self.accum):
@@ -230,14 +231,14 @@ class Trainer:
             if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
                 last_eval = self.evaluate()
                 self.metrics.log(self.step, "eval", last_eval)
-            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.train.max_steps:
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < end:
                 self.save()
             if stop.agreed():
                 interrupted = True
                 break
         bar.close()
         ckpt = self.save()
-        if not interrupted:
+        if not interrupted and self.step == cfg.train.max_steps:
             last_eval = self.evaluate()
             self.metrics.log(self.step, "eval", last_eval)
         counts = self.routing.reduce()

@@ -95,3 +95,18 @@ def test_router_math_is_fp32_in_bf16_model():
     assert out.logits_TE.dtype == torch.float32 and out.probs_TE.dtype == torch.float32
     y = model(input_ids=torch.randint(0, 128, (1, 8))).logits
     assert y.dtype == torch.bfloat16
+
+
+def test_patched_eval_model_stays_in_eval_mode():
+    # With dropout > 0, a patched eval-mode model must be deterministic (new LoRA modules join in eval mode).
+    model = build_tiny_llama().eval()
+    patch_model(model, MoLEConfig(num_experts=4, rank=4, alpha=8.0, dropout=0.5))
+    assert not any(m.training for m in model.modules())
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+        ids = torch.randint(0, 128, (1, 9))
+        torch.testing.assert_close(model(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+    model.train()
+    assert all(m.training for m in model.modules())
