@@ -43,11 +43,11 @@ class ConflictConfig:
     """Training samples per domain."""
     eval_per_domain: int = 60
     """Held-out samples per domain (drawn with a different seed)."""
-    caption_train: int = 1200
+    caption_train: int = 2400
     """Samples of the caption split the base is pretrained on."""
-    base_steps: int = 300
+    base_steps: int = 2000
     base_lr: float = 3e-3
-    steps_per_domain: int = 60
+    steps_per_domain: int = 200
     """Optimizer steps of a single-domain run; mix runs take this x the number of domains (2x runs twice that)."""
     micro_batch: int = 8
     lr: float = 2e-3
@@ -254,6 +254,8 @@ def score_base(cfg: ConflictConfig, data: Path, base: str) -> dict:
 
     model, processor = load_run_model(base, None)
     rec = {"em": {}, "examples": {}}
+    cap = exact_match_file(model, processor, data / "raw" / "pretrain_eval" / "caption.json", max_new_tokens=10)
+    rec["caption_em"], rec["caption_examples"] = cap["em"], cap["examples"]
     for d in cfg.domains:
         em = exact_match_file(model, processor, data / "raw" / "eval" / f"{d}.json", max_new_tokens=cfg.max_new_tokens)
         rec["em"][d], rec["examples"][d] = em["em"], em["examples"]
@@ -399,12 +401,13 @@ def run_study(cfg: ConflictConfig, log=print) -> dict:
     data = prepare_data(cfg, log)
     base = train_base(cfg, data, log)
     base_em = score_base(cfg, data, base["path"])
-    log(f"base EM (no tuning): " + " ".join(f"{d}={v:.2f}" for d, v in base_em["em"].items()))
+    log(f"base EM (no tuning): caption={base_em['caption_em']:.2f} "
+        + " ".join(f"{d}={v:.2f}" for d, v in base_em["em"].items()))
     runs = plan_runs(cfg)
     log(f"{len(runs)} runs ({len(cfg.seeds)} seed(s)):")
     records = [run_one(cfg, spec, data, base["path"], log) for spec in runs]
     agg = aggregate(cfg, records, base_em)
-    agg["base"] = base
+    agg["base"] = {**base, "caption_em": base_em["caption_em"], "caption_examples": base_em["caption_examples"]}
     paths = write_outputs(cfg, agg, records)
     wall = time.perf_counter() - t0
     (Path(cfg.out) / "study_wall_s.txt").write_text(f"{wall:.1f}\n")
