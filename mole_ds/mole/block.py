@@ -22,6 +22,15 @@ class MoLEMLP(nn.Module):
     3. g = gate_proj(x) + s * dg, u = up_proj(x) + s * du, h = act(g) * u;
     4. y = down_proj(h) + s * dd, with dd the chosen experts' down LoRA on dropout(h).
 
+    Local top-1 fast path (one dispatched expert per token, single process, grouped backend): the whole MLP
+    runs on the tokens permuted into expert order, so only the narrow (T, hidden) input and output are
+    permuted; the wide (T, intermediate) activations and deltas are never gathered or scattered:
+
+    1. sort tokens by expert once; xs = x[order];
+    2. gate/up: base projections on xs + grouped LoRA on contiguous expert groups of xs;
+    3. h = act(g) * u (still in expert order); down: base + grouped LoRA on h;
+    4. y[order] = ys.
+
     The routing statistics of the last forward are kept in ``last_stats`` for ``mole_ds.aux_loss``; the
     token mask (1 = real token) is set by a hook that ``patch_model`` puts on the language model.
     """
@@ -69,6 +78,8 @@ class MoLEMLP(nn.Module):
 
         ex = self.experts
         plan = self.dispatcher.plan(route.expert_idx_TJ, route.weights_TJ, self.config.num_experts)
+        if self._sorted_path_ok(route):
+            return self._forward_sorted(x_TD, plan).view(shape)
         dg_TF, du_TF = ex(self.lora_dropout(x_TD), plan, self.dispatcher, ("gate", "up"))
         g_TF = self.gate_proj(x_TD) + self.scaling * dg_TF.to(x_TD.dtype)
         u_TF = self.up_proj(x_TD) + self.scaling * du_TF.to(x_TD.dtype)
@@ -76,6 +87,33 @@ class MoLEMLP(nn.Module):
         (dd_TD,) = ex(self.lora_dropout(h_TF), plan, self.dispatcher, ("down",))
         y_TD = self.down_proj(h_TF) + self.scaling * dd_TD.to(h_TF.dtype)
         return y_TD.view(shape)
+
+    def _sorted_path_ok(self, route) -> bool:
+        d = self.dispatcher
+        return (type(d) is LocalDispatcher and d.backend.name != "loop" and route.expert_idx_TJ.shape[1] == 1
+                and self.experts.num_experts == self.config.num_experts)
+
+    def _forward_sorted(self, x_TD: torch.Tensor, plan) -> torch.Tensor:
+        ex, s = self.experts, self.scaling
+        order_T, counts_E = plan.order_R, plan.counts_E
+        # Sparse routing adds the delta unscaled: skip a (T, intermediate) multiply by ones.
+        w_T1 = None if self.config.routing == "sparse" else plan.weight_R.to(x_TD.dtype)[:, None]
+        xs_TD = x_TD.index_select(0, order_T)
+        xd_TD = self.lora_dropout(xs_TD)
+        dg_TF, du_TF = ex(xd_TD, plan, self.dispatcher, ("gate", "up"), grouped_counts=counts_E)
+        if w_T1 is not None:
+            dg_TF, du_TF = dg_TF * w_T1, du_TF * w_T1
+        g_TF = self.gate_proj(xs_TD) + s * dg_TF.to(xs_TD.dtype)
+        u_TF = self.up_proj(xs_TD) + s * du_TF.to(xs_TD.dtype)
+        h_TF = self.act_fn(g_TF) * u_TF
+        (dd_TD,) = ex(self.lora_dropout(h_TF), plan, self.dispatcher, ("down",), grouped_counts=counts_E)
+        if w_T1 is not None:
+            dd_TD = dd_TD * w_T1
+        ys_TD = self.down_proj(h_TF) + s * dd_TD.to(h_TF.dtype)
+        # Inverse permutation as a gather (its backward is a cheap scatter of the (T, hidden) gradient).
+        inv_T = torch.empty_like(order_T)
+        inv_T[order_T] = torch.arange(order_T.numel(), device=order_T.device)
+        return ys_TD.index_select(0, inv_T)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -61,12 +61,17 @@ class LoRAExperts(nn.Module):
                     A[e].copy_(a)
                 B.zero_()
 
-    def forward(self, x_TI: torch.Tensor, plan, dispatcher, projections: tuple[str, ...]) -> list[torch.Tensor]:
-        """Unscaled routed LoRA deltas of ``projections`` (which share the input ``x_TI``).
+    def forward(self, x: torch.Tensor, plan, dispatcher, projections: tuple[str, ...],
+                grouped_counts: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Unscaled LoRA deltas of ``projections`` (which share the input ``x``).
 
-        The dispatcher does the routing work; calling it through this module's forward is what lets ZeRO-3
+        With ``grouped_counts`` the rows of ``x`` are already grouped by expert (``grouped_counts[e]`` rows of
+        expert e, in order) and go straight to the backend's grouped product; otherwise the dispatcher routes
+        them with ``plan``. Either way the work runs inside this module's forward, which is what lets ZeRO-3
         gather these tensors (its hooks fire on module calls), on every rank in the same order."""
-        return dispatcher.lora(x_TI, plan, [self.pair(p) for p in projections])
+        if grouped_counts is not None:
+            return [dispatcher.backend.grouped_lora(x, grouped_counts, *self.pair(p)) for p in projections]
+        return dispatcher.lora(x, plan, [self.pair(p) for p in projections])
 
     def pair(self, proj: str) -> tuple[nn.Parameter, nn.Parameter]:
         """(A_ErI, B_EOr) of one projection."""
