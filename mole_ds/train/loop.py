@@ -82,8 +82,10 @@ class Trainer:
         if not cfg.data.train:
             raise ValueError("data.train is empty: give shard URLs, a folder of shards or a manifest.json")
         self.loader = build_loader(_data_config(cfg, cfg.data.train, self.micro, False), self.setup.processor)
-        self.eval_loader = (build_loader(_data_config(cfg, cfg.data.eval, self.micro, True), self.setup.processor)
-                            if cfg.data.eval else None)
+        self._eval_cfg = _data_config(cfg, cfg.data.eval, self.micro, True) if cfg.data.eval else None
+        # Built now so a bad eval source fails before training; rebuilt for every evaluation, so each one
+        # reads the held-out set from its start whatever the previous one consumed.
+        self.eval_loader = build_loader(self._eval_cfg, self.setup.processor) if self._eval_cfg else None
         self.domains = self.loader.domain_names
         self.vision_sync = VisionSync(self.model) if (ds_stage(ds) == 3 and hasattr(self.model, "model")
                                                      and hasattr(self.model.model, "vision_tower")) else None
@@ -158,6 +160,7 @@ class Trainer:
         if self.eval_loader is None:
             return {}
         self.engine.eval()
+        self.eval_loader = build_loader(self._eval_cfg, self.setup.processor)
         names = self.eval_loader.domain_names
         sums = torch.zeros(len(names), 2, dtype=torch.float64)  # (loss * tokens, tokens) per domain
         it = iter(self.eval_loader)

@@ -30,7 +30,7 @@ def train_cmd(data: Path, out: Path, *overrides: str) -> list[str]:
             "--config", str(ROOT / "launchers/configs/demo.yaml"),
             "--data.train", str(data / "shards/train/manifest.json"), "--data.eval", str(data / "shards/eval/manifest.json"),
             "--data.num_workers", "1", "--train.output_dir", str(out), "--train.warmup_steps", "2",
-            "--train.log_every", "1", "--train.eval_every", "0", "--checkpoint.every", "3", *overrides]
+            "--train.log_every", "1", "--train.eval_every", "3", "--checkpoint.every", "3", *overrides]
 
 
 def run(cmd: list[str], log: Path) -> subprocess.CompletedProcess:
@@ -70,6 +70,9 @@ def test_run_writes_everything_a_person_reads(demo):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["zero_stage"] == 3 and summary["ep_size"] == 2
     assert set(summary["eval"]) >= {"loss/general", "loss/document", "loss/chart", "loss/all"}
+    evals = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in ln]
+    assert [e["step"] for e in evals] == [3, 6, 6]  # every 3 steps + the final one, each over the whole set
+    assert evals[0].keys() == evals[1].keys()
     routing = json.loads((out / "routing.json").read_text())
     assert routing["domains"] == ["chart", "document", "general"] and len(routing["layers"]) == 2
     assert "=== mole_ds run summary ===" in demo["full_out"]
