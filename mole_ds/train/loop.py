@@ -37,11 +37,6 @@ def _mean(values: list[float]) -> float:
     return float(t)
 
 
-def steps_done(step: int, first_step: int) -> bool:
-    """Whether this invocation ran at least one step (so a periodic evaluation may have happened)."""
-    return step > first_step
-
-
 class _Stop:
     """SIGINT/SIGTERM set a flag; the loop saves a final checkpoint at the next step boundary and exits."""
 
@@ -246,7 +241,8 @@ class Trainer:
                 break
         bar.close()
         ckpt = self.save()
-        evaluated_now = bool(cfg.train.eval_every) and self.step % cfg.train.eval_every == 0 and steps_done(self.step, first_step)
+        # A periodic evaluation at this very step (in this invocation) doubles as the final one.
+        evaluated_now = bool(cfg.train.eval_every) and self.step % cfg.train.eval_every == 0 and self.step > first_step
         if not interrupted and self.step == cfg.train.max_steps and not evaluated_now:
             last_eval = self.evaluate()
             self.metrics.log(self.step, "eval", last_eval)
