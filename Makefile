@@ -34,9 +34,11 @@ demo-data: install
 	$(BIN)/python tools/make_demo_data.py --out demo_data
 
 # The main job on the embedded default: 2 CPU ranks, ZeRO-3 base, experts sharded 2 ways.
+# A free rendezvous port, so the demo never joins another job that holds DeepSpeed's default one.
+DEMO_PORT ?= $(shell $(PY) -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
 demo: demo-data
-	$(BIN)/deepspeed --num_gpus 2 launchers/train.py --deepspeed ds_configs/zero3_ep.json \
-		--config launchers/configs/demo.yaml $(DEMO_ARGS)
+	$(BIN)/deepspeed --num_gpus 2 --master_port $(DEMO_PORT) launchers/train.py \
+		--deepspeed ds_configs/zero3_ep.json --config launchers/configs/demo.yaml $(DEMO_ARGS)
 
 bench: install
 	$(BIN)/python tools/bench_mole.py
