@@ -5,6 +5,7 @@ the numbers include everything a user's run does: engine setup, data streaming, 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -28,6 +29,10 @@ def study_env() -> dict[str, str]:
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # JIT-built DeepSpeed ops (the CPU shm comm op) in a cache of this interpreter's own: two virtualenvs sharing
+    # ~/.cache/torch_extensions rebuild the op for each other on every alternation (minutes each on a small CPU).
+    prefix = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions_by_prefix" / prefix))
     try:
         import torch
 
@@ -36,6 +41,24 @@ def study_env() -> dict[str, str]:
     except ImportError:  # pragma: no cover
         env.setdefault("DS_ACCELERATOR", "cpu")
     return env
+
+
+def release_shm(port: int) -> int:
+    """Remove the shared-memory all-reduce buffers a finished CPU launch on ``port`` left in /dev/shm.
+
+    DeepSpeed's CPU shm comm op (deepspeed_shm_comm) creates ``deepspeed_allreduce_buffer_0_<addr>_<port>_<rank>``
+    (~66 MB per rank) and never unlinks it, even on a clean exit; a study of many launches would otherwise fill
+    the machine's RAM. The port is unique to the launch, so only its own buffers are removed. Returns the count."""
+    shm = Path("/dev/shm")
+    n = 0
+    if shm.is_dir():
+        for f in shm.glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+            try:
+                f.unlink()
+                n += 1
+            except OSError:
+                pass
+    return n
 
 
 def ds_config(micro_batch: int, stage: int = 0, grad_clip: float = 1.0) -> dict:
@@ -91,8 +114,9 @@ def launch_train(out_dir: str | Path, overrides: dict, ds: dict, world: int = 1,
     out_dir.mkdir(parents=True, exist_ok=True)
     ds_path = out_dir / "ds_config.json"
     ds_path.write_text(json.dumps(ds, indent=1))
+    port = free_port()
     cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(world), "--master_port",
-           str(free_port()), str(LAUNCHER), "--deepspeed", str(ds_path), "--train.output_dir", str(out_dir)]
+           str(port), str(LAUNCHER), "--deepspeed", str(ds_path), "--train.output_dir", str(out_dir)]
     for k, v in overrides.items():
         cmd += [f"--{k}", ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)]
     (out_dir / "command.txt").write_text(" ".join(cmd) + "\n")
@@ -103,6 +127,7 @@ def launch_train(out_dir: str | Path, overrides: dict, ds: dict, world: int = 1,
     except subprocess.TimeoutExpired as exc:
         log, code = f"{exc.stdout or ''}{exc.stderr or ''}\ntimed out after {timeout}s", -1
     wall = time.perf_counter() - t0
+    release_shm(port)
     (out_dir / "train.log").write_text(log if isinstance(log, str) else str(log))
     last_eval, losses, summary = read_run(out_dir)
     if code != 0:

@@ -13,6 +13,7 @@ import csv
 import itertools
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -89,10 +90,7 @@ def load_results(path: Path) -> dict:
 def run_sweep(cfg: ScalingConfig, runner=None, log=print) -> dict:
     """Run every missing point (``runner(world, args)``, default run_point) and write the results after each."""
     if runner is None:
-        from ..train.sweep import run_point
-
-        def runner(world: int, args: dict) -> dict:
-            return run_point(world, args, timeout=cfg.timeout)
+        runner = _probe_runner(cfg.timeout)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     jpath = out.with_suffix(".json")
@@ -120,6 +118,36 @@ def run_sweep(cfg: ScalingConfig, runner=None, log=print) -> dict:
                 f"experts {rec['expert_param_bytes_per_rank']:,} B/rank")
         write_results(cfg, rows, skipped)
     return write_results(cfg, rows, skipped)
+
+
+def _probe_runner(timeout: int):
+    """run_point, then release the /dev/shm buffers its launch leaked (see runs.release_shm). run_point picks its
+    port itself, so the port is recorded by wrapping the module's free_port for the duration of the call."""
+    from ..train import sweep
+    from .runs import release_shm, study_env
+
+    def runner(world: int, args: dict) -> dict:
+        ports: list[int] = []
+        orig = sweep.free_port
+
+        def recording_free_port() -> int:
+            ports.append(orig())
+            return ports[-1]
+
+        sweep.free_port = recording_free_port
+        saved = {k: os.environ.get(k) for k in ("TORCH_EXTENSIONS_DIR",)}
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", study_env()["TORCH_EXTENSIONS_DIR"])  # run_point copies os.environ
+        try:
+            return sweep.run_point(world, args, timeout=timeout)
+        finally:
+            sweep.free_port = orig
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+            for p in ports:
+                release_shm(p)
+
+    return runner
 
 
 def _extra(p: dict, cfg: ScalingConfig) -> str:
