@@ -76,9 +76,13 @@ def build_model(section: ModelSection, ds: dict, seed: int = 0):
 
     processor = build_tiny_processor(image_size=32, patch_size=8)
     tok = processor.tokenizer
+    # initializer_range 1/sqrt(hidden), not transformers' 0.02: the frozen lm_head sits behind an RMSNorm of
+    # weight 1, so at 0.02 its logits can never exceed ~0.16 sqrt(hidden) and no adapter could make the
+    # model confident (answer loss stalls near 6 nats). Pretrained heads are not capped like that.
     cfg = tiny_llava_config(vocab_size=len(tok), image_token_id=processor.image_token_id,
                             pad_token_id=tok.pad_token_id, hidden_size=section.tiny_hidden,
-                            intermediate_size=2 * section.tiny_hidden, num_layers=section.tiny_layers)
+                            intermediate_size=2 * section.tiny_hidden, num_layers=section.tiny_layers,
+                            initializer_range=section.tiny_hidden ** -0.5)
     # Built whole (it is tiny); deepspeed.initialize partitions it under ZeRO-3. transformers' own weight
     # init cannot run inside zero.Init without its HfDeepSpeedConfig machinery.
     model = LlavaForConditionalGeneration(cfg).to(dtype)
