@@ -366,7 +366,8 @@ def plot_bars(agg: dict, domains: list[str], path: Path) -> None:
             if all(not math.isfinite(y) for y in ys):
                 continue
             xs = [j + (i - (len(groups) - 1) / 2) * width for j in range(len(cols))]
-            ax.bar(xs, [y if math.isfinite(y) else 0 for y in ys], width, yerr=errs, capsize=2, label=g)
+            ax.bar(xs, [y if math.isfinite(y) else 0 for y in ys], width, yerr=errs, capsize=2, label=g,
+                   color=f"C{i}")  # one colour per run group in both panels
         ax.set_xticks(range(len(cols)))
         ax.set_xticklabels(cols)
         ax.set_title(title, fontsize=10)

@@ -1,6 +1,6 @@
 """Many experts: sweep num_experts x ep_size x any other probe field over real DeepSpeed probe launches.
 
-Each point is one ``mole_ds.train.sweep.run_point`` launch (``mole_ds/train/probe.py`` on ``world`` ranks: a
+Each point is one probe launch (:func:`run_probe`, ``mole_ds.train.sweep.run_point``'s launch run as a module) (``mole_ds/train/probe.py`` on ``world`` ranks: a
 few real training steps of a tiny patched model on synthetic batches). The sweep is the product of the lists;
 points that cannot exist (ep_size > world, world not divisible by ep_size, experts not divisible by ep_size,
 top_k > experts) are listed as skipped. A failing point is recorded with its error and the sweep goes on.
@@ -13,7 +13,6 @@ import csv
 import itertools
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -120,32 +119,40 @@ def run_sweep(cfg: ScalingConfig, runner=None, log=print) -> dict:
     return write_results(cfg, rows, skipped)
 
 
-def _probe_runner(timeout: int):
-    """run_point, then release the /dev/shm buffers its launch leaked (see runs.release_shm). run_point picks its
-    port itself, so the port is recorded by wrapping the module's free_port for the duration of the call."""
-    from ..train import sweep
-    from .runs import release_shm, study_env
+def run_probe(world: int, args: dict, timeout: int = 900) -> dict:
+    """One probe launch, as ``mole_ds.train.sweep.run_point`` does it but with the probe run as a module
+    (``deepspeed --module mole_ds.train.probe``): probe.py uses package-relative imports, so launching it by
+    file path (what run_point does in this version) fails with "attempted relative import with no known parent
+    package". Also releases the /dev/shm buffers the launch leaks (see runs.release_shm)."""
+    import subprocess
+    import sys
+    import tempfile
 
-    def runner(world: int, args: dict) -> dict:
-        ports: list[int] = []
-        orig = sweep.free_port
+    from ..train.sweep import free_port
+    from .runs import ROOT, release_shm, study_env
 
-        def recording_free_port() -> int:
-            ports.append(orig())
-            return ports[-1]
-
-        sweep.free_port = recording_free_port
-        saved = {k: os.environ.get(k) for k in ("TORCH_EXTENSIONS_DIR",)}
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", study_env()["TORCH_EXTENSIONS_DIR"])  # run_point copies os.environ
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "point.json"
+        port = free_port()
+        cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(world), "--master_port", str(port),
+               "--module", "mole_ds.train.probe", "--out", str(out)]
+        for k, v in args.items():
+            cmd += [f"--{k.replace('_', '-')}", str(v)]
         try:
-            return sweep.run_point(world, args, timeout=timeout)
+            res = subprocess.run(cmd, env=study_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        except subprocess.TimeoutExpired:
+            return {**args, "world_size": world, "error": f"timed out after {timeout}s"}
         finally:
-            sweep.free_port = orig
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-            for p in ports:
-                release_shm(p)
+            release_shm(port)
+        if res.returncode != 0 or not out.is_file():
+            tail = [ln for ln in (res.stdout + res.stderr).splitlines() if "Error" in ln or "error" in ln]
+            return {**args, "world_size": world, "error": (tail[-1] if tail else f"exit code {res.returncode}")[:500]}
+        return json.loads(out.read_text())
+
+
+def _probe_runner(timeout: int):
+    def runner(world: int, args: dict) -> dict:
+        return run_probe(world, args, timeout=timeout)
 
     return runner
 
