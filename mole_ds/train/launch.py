@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     check_deepspeed_version()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend)
+    from .shm import release_own_shm_buffer
+
+    release_own_shm_buffer()
     trainer = Trainer(cfg, ds)
     summary = trainer.run()
     if trainer.rank == 0:

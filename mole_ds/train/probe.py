@@ -61,6 +61,9 @@ def main(argv=None) -> int:
     from .engine import expert_bytes, setup_training
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    from .shm import release_own_shm_buffer
+
+    release_own_shm_buffer()
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = RunConfig(model=ModelSection(tiny_layers=args.layers, tiny_hidden=args.hidden),
                     mole=MoLEConfig(num_experts=args.experts, top_k=args.top_k, rank=args.rank, alpha=2.0 * args.rank,

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from mole_ds import MoLEConfig, aux_loss, routing_counts
 from mole_ds.export import gather_trainable_state, save_consolidated
 from mole_ds.train.checkpoint import find_resume, load_checkpoint, save_training_checkpoint
+from mole_ds.train.shm import release_own_shm_buffer
 from mole_ds.train.config import ModelSection, RunConfig, TrainSection
 from mole_ds.train.engine import setup_training
 
@@ -53,6 +54,7 @@ def main() -> None:
     args = ap.parse_args()
 
     deepspeed.init_distributed(dist_backend="gloo")
+    release_own_shm_buffer()
     rank, world = dist.get_rank(), dist.get_world_size()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,30 @@
+"""DeepSpeed's CPU shared-memory all-reduce op (deepspeed_shm_comm) creates
+``/dev/shm/deepspeed_allreduce_buffer_<n>_<addr>_<port>_<rank>`` (~66 MB per rank) and never unlinks it, even
+on a clean exit; /dev/shm is RAM, so a machine running many jobs fills up. Each process removes its own
+buffer as soon as every rank has attached to every peer's (they do so inside init_distributed; a barrier
+after it proves all have): the mappings stay valid until the processes exit, and even a crashed or killed
+job then leaves nothing behind."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def release_own_shm_buffer() -> int:
+    """Barrier, then unlink this process's DeepSpeed shm buffer(s); returns how many were removed."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+    port, rank = os.environ.get("MASTER_PORT"), os.environ.get("RANK", os.environ.get("LOCAL_RANK"))
+    shm = Path("/dev/shm")
+    if port is None or rank is None or not shm.is_dir():
+        return 0
+    n = 0
+    for f in shm.glob(f"deepspeed_allreduce_buffer_*_{port}_{rank}"):
+        try:
+            f.unlink()
+            n += 1
+        except OSError:
+            pass
+    return n
