@@ -8,6 +8,9 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export DS_ACCELERATOR ?= cpu
+# DeepSpeed JIT-builds its CPU comm op per interpreter; a cache per checkout keeps two environments on one
+# machine from rebuilding it over each other (and from waiting on each other's build lock).
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: install test test-unit test-dist demo demo-data bench clean
 

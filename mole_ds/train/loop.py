@@ -117,6 +117,14 @@ class Trainer:
             inputs["pixel_values"] = inputs["pixel_values"].to(next(self.model.parameters()).dtype)
         return self.engine(**inputs)
 
+    def _close_data(self) -> None:
+        # A suspended epoch iterator keeps its DataLoader workers alive; closing it shuts them down through
+        # the DataLoader's own protocol. Left to interpreter exit, they would be stopped with SIGTERM, which
+        # the workers leave to the trainer (mole_ds.data.loader) - and the exit would wait on them forever.
+        if self._it is not None:
+            self._it.close()
+            self._it = None
+
     # -- checkpoints -----------------------------------------------------------------------------------
     def _meta(self) -> dict:
         return {"ep_size": self.cfg.mole.ep_size, "world_size": self.world, "num_experts": self.cfg.mole.num_experts,
@@ -176,6 +184,7 @@ class Trainer:
             for b, d in enumerate(batch["domain_ids"].tolist()):
                 sums[d, 0] += float((tok_loss[b].double() * valid[b]).sum())
                 sums[d, 1] += float(valid[b].sum())
+        it.close()  # shuts its DataLoader workers down now (see _close_data)
         if dist.is_initialized():
             dist.all_reduce(sums)
         self.engine.train()
@@ -240,6 +249,7 @@ class Trainer:
                 interrupted = True
                 break
         bar.close()
+        self._close_data()
         ckpt = self.save()
         # A periodic evaluation at this very step (in this invocation) doubles as the final one.
         evaluated_now = bool(cfg.train.eval_every) and self.step % cfg.train.eval_every == 0 and self.step > first_step

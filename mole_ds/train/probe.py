@@ -54,14 +54,14 @@ def main(argv=None) -> int:
     import deepspeed
     import torch.distributed as dist
 
-    from ..config import MoLEConfig
-    from ..mole.collect import aux_loss, routing_counts
-    from ..parallel import all_to_all_bytes
-    from .config import ModelSection, RunConfig, TrainSection
-    from .engine import expert_bytes, setup_training
+    from mole_ds.config import MoLEConfig
+    from mole_ds.mole.collect import aux_loss, routing_counts
+    from mole_ds.parallel import all_to_all_bytes
+    from mole_ds.train.config import ModelSection, RunConfig, TrainSection
+    from mole_ds.train.engine import expert_bytes, setup_training
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    from .shm import release_own_shm_buffer
+    from mole_ds.train.shm import release_own_shm_buffer
 
     release_own_shm_buffer()
     rank, world = dist.get_rank(), dist.get_world_size()
