@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from ..mole.dispatch.base import Backend, Plan
 from .all_to_all import all_to_all, exchange_counts

@@ -10,7 +10,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..config import MoLEConfig
 from ..parallel import EPContext, create_expert_groups, is_expert_param, patch_model_expert_parallel
 from ..patching import PatchReport
 from .config import ModelSection, RunConfig
@@ -44,9 +43,9 @@ def model_dtype(section: ModelSection, ds: dict) -> torch.dtype:
 def build_model(section: ModelSection, ds: dict, seed: int = 0):
     """(model, processor). An empty ``section.path`` builds the embedded tiny LLaVA locally.
 
-    Under ZeRO-3 the base model is built inside ``deepspeed.zero.Init`` so each rank only ever holds its
-    partition of the frozen weights (for a checkpoint directory via transformers' HfDeepSpeedConfig)."""
-    import deepspeed
+    Under ZeRO-3 a checkpoint directory is loaded inside ``deepspeed.zero.Init`` (through transformers'
+    HfDeepSpeedConfig), so each rank only ever holds its partition of the frozen weights; the tiny embedded
+    model is built whole and partitioned by ``deepspeed.initialize``."""
     from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
     dtype = model_dtype(section, ds)
@@ -72,7 +71,7 @@ def build_model(section: ModelSection, ds: dict, seed: int = 0):
         return model, processor
 
     from ..models.processor import build_tiny_processor
-    from ..models.tiny import build_tiny_llava, tiny_llava_config
+    from ..models.tiny import tiny_llava_config
 
     processor = build_tiny_processor(image_size=32, patch_size=8)
     tok = processor.tokenizer
@@ -219,5 +218,5 @@ def expert_bytes(model: torch.nn.Module) -> tuple[int, int]:
     return ex, other
 
 
-__all__ = ["MoLEConfig", "TrainSetup", "build_model", "setup_training", "check_deepspeed_version", "strip_ds_config",
+__all__ = ["TrainSetup", "build_model", "setup_training", "check_deepspeed_version", "strip_ds_config",
            "expert_bytes", "param_groups", "warmup_cosine"]
