@@ -44,21 +44,10 @@ def study_env() -> dict[str, str]:
 
 
 def release_shm(port: int) -> int:
-    """Remove the shared-memory all-reduce buffers a finished CPU launch on ``port`` left in /dev/shm.
+    """Remove the /dev/shm all-reduce buffers a finished CPU launch on ``port`` left (see mole_ds.train.shm)."""
+    from ..train.shm import release_port_buffers
 
-    DeepSpeed's CPU shm comm op (deepspeed_shm_comm) creates ``deepspeed_allreduce_buffer_0_<addr>_<port>_<rank>``
-    (~66 MB per rank) and never unlinks it, even on a clean exit; a study of many launches would otherwise fill
-    the machine's RAM. The port is unique to the launch, so only its own buffers are removed. Returns the count."""
-    shm = Path("/dev/shm")
-    n = 0
-    if shm.is_dir():
-        for f in shm.glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-            try:
-                f.unlink()
-                n += 1
-            except OSError:
-                pass
-    return n
+    return release_port_buffers(port)
 
 
 def ds_config(micro_batch: int, stage: int = 0, grad_clip: float = 1.0) -> dict:

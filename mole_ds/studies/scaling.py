@@ -1,6 +1,6 @@
 """Many experts: sweep num_experts x ep_size x any other probe field over real DeepSpeed probe launches.
 
-Each point is one probe launch (:func:`run_probe`, ``mole_ds.train.sweep.run_point``'s launch run as a module) (``mole_ds/train/probe.py`` on ``world`` ranks: a
+Each point is one probe launch (:func:`run_probe` -> ``mole_ds.train.sweep.run_point``) (``mole_ds/train/probe.py`` on ``world`` ranks: a
 few real training steps of a tiny patched model on synthetic batches). The sweep is the product of the lists;
 points that cannot exist (ep_size > world, world not divisible by ep_size, experts not divisible by ep_size,
 top_k > experts) are listed as skipped. A failing point is recorded with its error and the sweep goes on.
@@ -120,34 +120,11 @@ def run_sweep(cfg: ScalingConfig, runner=None, log=print) -> dict:
 
 
 def run_probe(world: int, args: dict, timeout: int = 900) -> dict:
-    """One probe launch, as ``mole_ds.train.sweep.run_point`` does it but with the probe run as a module
-    (``deepspeed --module mole_ds.train.probe``): probe.py uses package-relative imports, so launching it by
-    file path (what run_point does in this version) fails with "attempted relative import with no known parent
-    package". Also releases the /dev/shm buffers the launch leaks (see runs.release_shm)."""
-    import subprocess
-    import sys
-    import tempfile
+    """One probe launch (``mole_ds.train.sweep.run_point``) in the study's environment."""
+    from ..train.sweep import run_point
+    from .runs import study_env
 
-    from ..train.sweep import free_port
-    from .runs import ROOT, release_shm, study_env
-
-    with tempfile.TemporaryDirectory() as d:
-        out = Path(d) / "point.json"
-        port = free_port()
-        cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(world), "--master_port", str(port),
-               "--module", "mole_ds.train.probe", "--out", str(out)]
-        for k, v in args.items():
-            cmd += [f"--{k.replace('_', '-')}", str(v)]
-        try:
-            res = subprocess.run(cmd, env=study_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-        except subprocess.TimeoutExpired:
-            return {**args, "world_size": world, "error": f"timed out after {timeout}s"}
-        finally:
-            release_shm(port)
-        if res.returncode != 0 or not out.is_file():
-            tail = [ln for ln in (res.stdout + res.stderr).splitlines() if "Error" in ln or "error" in ln]
-            return {**args, "world_size": world, "error": (tail[-1] if tail else f"exit code {res.returncode}")[:500]}
-        return json.loads(out.read_text())
+    return run_point(world, args, timeout=timeout, env=study_env())
 
 
 def _probe_runner(timeout: int):

@@ -28,3 +28,18 @@ def release_own_shm_buffer() -> int:
         except OSError:
             pass
     return n
+
+
+def release_port_buffers(port: int) -> int:
+    """Unlink every DeepSpeed shm buffer of the finished launch on ``port`` (covers a launch killed before
+    its ranks released their own); returns how many were removed."""
+    shm = Path("/dev/shm")
+    n = 0
+    if shm.is_dir():
+        for f in shm.glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+            try:
+                f.unlink()
+                n += 1
+            except OSError:
+                pass
+    return n

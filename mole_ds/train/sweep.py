@@ -19,22 +19,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_point(world: int, args: dict, timeout: int = 900) -> dict:
-    """One probe launch on ``world`` ranks; returns its record, or {'error': ...} naming what failed."""
+def run_point(world: int, args: dict, timeout: int = 900, env: dict | None = None) -> dict:
+    """One probe launch on ``world`` ranks; returns its record, or {'error': ...} naming what failed.
+    ``env`` replaces the default environment (this process's, with CPU/offline defaults)."""
+    from .shm import release_port_buffers
+
     deepspeed = Path(sys.executable).with_name("deepspeed")
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "point.json"
-        cmd = [str(deepspeed), "--num_gpus", str(world), "--master_port", str(free_port()), str(PROBE),
+        port = free_port()
+        cmd = [str(deepspeed), "--num_gpus", str(world), "--master_port", str(port), str(PROBE),
                "--out", str(out)]
         for k, v in args.items():
             cmd += [f"--{k.replace('_', '-')}", str(v)]
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-               "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "HF_HUB_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false"}
+        if env is None:
+            env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+                   "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "HF_HUB_OFFLINE": "1",
+                   "TOKENIZERS_PARALLELISM": "false"}
         try:
             res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             return {**args, "world_size": world, "error": f"timed out after {timeout}s"}
+        finally:
+            release_port_buffers(port)
         if res.returncode != 0 or not out.is_file():
             tail = [ln for ln in (res.stdout + res.stderr).splitlines() if "Error" in ln or "error" in ln]
             return {**args, "world_size": world, "error": (tail[-1] if tail else f"exit code {res.returncode}")[:500]}
