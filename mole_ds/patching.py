@@ -68,6 +68,15 @@ def mole_layers(model: nn.Module) -> list[MoLEMLP]:
     return [m for m in model.modules() if isinstance(m, MoLEMLP)]
 
 
+def set_sample_domains(model: nn.Module, domain_ids_B) -> None:
+    """Tell every MoLE layer the domain id of each sample of the next forward (a (B,) int tensor, or None).
+
+    Only ``routing: oracle`` uses it (each sample's tokens go to the expert of its domain); the training loop
+    sets it for every batch that carries domain ids, so any routing mode can be switched to oracle."""
+    for layer in mole_layers(model):
+        layer.sample_domains = domain_ids_B
+
+
 def _mask_hook(layers: list[MoLEMLP]):
     # Decoder MLPs never see the attention mask; hand it to them before the decoder stack runs, so pad
     # tokens count neither in the balance loss nor in the routing statistics.

@@ -56,6 +56,8 @@ class MoLEMLP(nn.Module):
         self.scaling = config.scaling
         self.dispatcher = LocalDispatcher(get_backend(config.backend, w.device))
         self.token_mask: torch.Tensor | None = None
+        self.sample_domains: torch.Tensor | None = None
+        """(B,) domain id per sample of the next forward (set by ``mole_ds.set_sample_domains``; oracle routing)."""
         self.last_stats: RoutingStats | None = None
 
     def _mask_BS(self, B: int, S: int, device: torch.device) -> torch.Tensor:

@@ -60,13 +60,14 @@ def apply_expert_parallel(model: nn.Module, ctx: EPContext) -> None:
             tag_expert_param(p, ctx)
 
 
-def all_to_all_bytes(model: nn.Module, reset: bool = True) -> int:
-    """Bytes this rank sent through expert all-to-alls since the last reset (0 without expert parallelism)."""
-    total = 0
+def all_to_all_bytes(model: nn.Module, reset: bool = True) -> dict[str, int]:
+    """Bytes this rank sent to *other* ranks through the expert all-to-alls since the last reset, forward and
+    backward separately: ``{"a2a_bytes_fwd": ..., "a2a_bytes_bwd": ...}`` (zeros without expert parallelism)."""
+    fwd = bwd = 0
     for mlp in mole_layers(model):
         d = mlp.dispatcher
         if isinstance(d, ExpertParallelDispatcher):
-            total += d.bytes_sent
+            fwd += d.bytes_sent
             if reset:
                 d.bytes_sent = 0
-    return total
+    return {"a2a_bytes_fwd": fwd, "a2a_bytes_bwd": bwd}

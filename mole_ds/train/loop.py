@@ -234,8 +234,7 @@ class Trainer:
                     balance = float(aux_losses(self.model)["balance"])
                 rec = {"loss": _mean(losses), "aux_loss": _mean(auxes), "balance": balance,
                        "lr": self.setup.scheduler.get_last_lr()[0], "tokens_per_s": tokens * self.world / dt,
-                       "step_s": dt, "expert_load_max_over_mean": load,
-                       "all_to_all_bytes": all_to_all_bytes(self.model)}
+                       "step_s": dt, "expert_load_max_over_mean": load, **all_to_all_bytes(self.model)}
                 self.metrics.log(self.step, "train", rec)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", aux=f"{rec['aux_loss']:.4f}",
                                 tok_s=f"{rec['tokens_per_s']:.0f}", load=f"{load:.2f}")

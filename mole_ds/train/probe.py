@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        sent = all_to_all_bytes(model)
+        sent = sum(all_to_all_bytes(model).values())
         c = routing_counts(model)
         if step >= args.warmup:
             times.append(dt)
