@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-ROUTING_MODES = ("sparse", "weighted", "dense")
+ROUTING_MODES = ("sparse", "weighted", "st", "dense", "oracle")
 BALANCE_LOSSES = ("mole", "switch", "none")
 BACKENDS = ("auto", "torch", "loop", "megablocks")
 
@@ -17,18 +17,22 @@ BACKENDS = ("auto", "torch", "loop", "megablocks")
 class MoLEConfig:
     """How every decoder MLP becomes a Mixture of LoRA Experts.
 
-    Routing semantics (E experts, router probabilities ``p = softmax(router(x))`` in fp32):
+    Each routed (token, expert) row runs the whole MLP with that expert's LoRA on gate, up and down
+    (``MLP_e(x; w) = down(act(gate(x) + s w dg_e) * (up(x) + s w du_e)) + s w dd_e``, s = alpha / rank), and a
+    token's output is ``sum_j c_j MLP_{e_j}(x; w_j)`` over its rows. Router math is fp32 (``p = softmax``).
 
-    * ``sparse`` (the paper): each token takes its ``top_k`` experts by probability and their LoRA deltas
-      are added with weight 1 (unscaled). The router gets no gradient from the task loss; it learns only from
-      the balance / z losses. With ``top_k > 1`` the k chosen deltas are summed.
-    * ``weighted``: as ``sparse`` but each chosen delta is multiplied by its full-softmax probability
-      ``p_e`` (not renormalised over the top k, so that top-1 still passes task gradient to the router).
-    * ``dense`` (the paper's inference demo): every expert runs for every token, weighted by ``p``;
-      ``top_k`` only decides which experts are counted in routing statistics and the balance loss.
+    * ``sparse`` (the paper): top-k experts by ``p``; w = 1 (deltas unscaled), c = 1/k. The router gets no
+      gradient from the task loss; it learns only from the balance / z losses.
+    * ``weighted``: as sparse with w = p_e (full-softmax probability, so top-1 passes task gradient to the
+      router; the forward changes: deltas shrink by p).
+    * ``st`` (straight-through): the forward of sparse (w = 1 exactly); the backward gives the router the task
+      gradient through w = 1 + p - stopgrad(p).
+    * ``dense`` (the paper's inference demo, in output space): every expert for every token, w = 1, c = p;
+      E rows per token (E MLP evaluations; with expert parallelism E rows travel).
+    * ``oracle``: each sample's domain id d picks expert ``d % E`` for all its tokens (an upper bound for
+      studies; ``mole_ds.set_sample_domains`` must give the ids). top_k must be 1.
 
-    Inside one MLP the gate/up deltas of the chosen experts are summed before the activation and the down
-    delta is applied to the shared hidden activation, so one router decision serves all three projections.
+    With top_k = 1, sparse/st/weighted equal the paper's per-projection form exactly (one expert per token).
     """
 
     num_experts: int = 3
@@ -42,7 +46,7 @@ class MoLEConfig:
     dropout: float = 0.05
     """Dropout on the LoRA input (applied once per token, shared by the experts it is routed to)."""
     routing: str = "sparse"
-    """'sparse' | 'weighted' | 'dense' (see class docstring)."""
+    """'sparse' | 'weighted' | 'st' | 'dense' | 'oracle' (see class docstring)."""
     balance_loss: str = "mole"
     """'mole' (paper: per-sample sum_e P_e * f_e pooled over layers, batch mean), 'switch' (E * sum_e f_e P_e
     per layer, mean over layers) or 'none'."""
@@ -56,8 +60,9 @@ class MoLEConfig:
     """Also train the multimodal projector of a LLaVA model."""
     backend: str = "auto"
     """'auto' (megablocks on CUDA when installed, else torch) | 'torch' | 'loop' | 'megablocks'."""
-    ep_size: int = 1
-    """Expert-parallel degree: each rank holds num_experts / ep_size experts (1 = replicated)."""
+    ep_size: int | str = 1
+    """Expert-parallel degree: each rank holds num_experts / ep_size experts (1 = replicated), or 'auto': the
+    cost model (mole_ds.parallel.cost_model) picks the placement at start-up and prints why."""
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -93,11 +98,19 @@ class MoLEConfig:
         e_ok = _int("num_experts", 1)
         k_ok = _int("top_k", 1)
         _int("rank", 1)
-        ep_ok = _int("ep_size", 1)
+        ep_ok = False
+        if isinstance(self.ep_size, str):
+            if self.ep_size != "auto":
+                p.append(f"mole.ep_size ({self.ep_size!r}) must be a positive integer or 'auto'")
+        else:
+            ep_ok = _int("ep_size", 1)
         if e_ok and k_ok and self.top_k > self.num_experts:
             p.append(f"mole.top_k ({self.top_k}) must be <= mole.num_experts ({self.num_experts})")
         if e_ok and ep_ok and self.num_experts % self.ep_size != 0:
+            # The one place this rule lives: every layout builder trusts a validated config.
             p.append(f"mole.num_experts ({self.num_experts}) must be divisible by mole.ep_size ({self.ep_size})")
+        if k_ok and self.routing == "oracle" and self.top_k != 1:
+            p.append(f"mole.top_k ({self.top_k}) must be 1 with mole.routing 'oracle' (one expert per domain)")
         if _num("alpha") and self.alpha <= 0:
             p.append(f"mole.alpha ({self.alpha}) must be > 0")
         if _num("dropout") and not 0.0 <= self.dropout < 1.0:
@@ -117,11 +130,6 @@ class MoLEConfig:
     def scaling(self) -> float:
         """LoRA scaling alpha / rank."""
         return float(self.alpha) / self.rank
-
-    @property
-    def num_local_experts(self) -> int:
-        """Experts held by one rank."""
-        return self.num_experts // self.ep_size
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

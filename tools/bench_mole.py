@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--experts", type=int, nargs="+", default=[1, 4, 16, 64, 128])
     ap.add_argument("--backends", nargs="+", default=None, help="default: torch loop (+ megablocks on CUDA)")
-    ap.add_argument("--routing", default="sparse", choices=["sparse", "weighted", "dense"])
+    ap.add_argument("--routing", default="sparse", choices=["sparse", "weighted", "st", "dense"])
     ap.add_argument("--top-k", type=int, default=1)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

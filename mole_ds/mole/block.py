@@ -15,24 +15,19 @@ class MoLEMLP(nn.Module):
     """Drop-in replacement for a LLaMA-style MLP (``down(act(gate(x)) * up(x))``).
 
     Keeps the original frozen ``gate_proj``/``up_proj``/``down_proj`` modules under the same names (base
-    weight keys unchanged) and ``act_fn``, and adds ``router`` and ``experts``. Forward:
+    weight keys unchanged) and ``act_fn``, and adds ``router`` and ``experts``. Forward (token dispatch):
 
-    1. route each non-masked token in fp32 (``router``) -> chosen experts and their weights;
-    2. dropout(x) goes through the chosen experts' gate/up LoRA (one dispatch plan for the layer);
-    3. g = gate_proj(x) + s * dg, u = up_proj(x) + s * du, h = act(g) * u;
-    4. y = down_proj(h) + s * dd, with dd the chosen experts' down LoRA on dropout(h).
+    1. route each token in fp32 (``router``): J rows per token, each with an expert, a delta weight w and a
+       combine weight c (see :class:`mole_ds.MoLEConfig` for the routing modes);
+    2. ``dispatcher.dispatch``: the rows, grouped by expert, reach the process that holds their expert (here,
+       or another rank under expert parallelism: only hidden-size rows travel);
+    3. :meth:`expert_mlp` on the rows: the whole MLP, frozen projections plus each row's expert LoRA on gate,
+       up and down, as grouped products over contiguous expert groups;
+    4. ``dispatcher.combine``: the (hidden-size) outputs go back to their tokens, summed with weights c.
 
-    Local top-1 fast path (one dispatched expert per token, single process, grouped backend): the whole MLP
-    runs on the tokens permuted into expert order, so only the narrow (T, hidden) input and output are
-    permuted; the wide (T, intermediate) activations and deltas are never gathered or scattered:
-
-    1. sort tokens by expert once; xs = x[order];
-    2. gate/up: base projections on xs + grouped LoRA on contiguous expert groups of xs;
-    3. h = act(g) * u (still in expert order); down: base + grouped LoRA on h;
-    4. y[order] = ys.
-
-    The routing statistics of the last forward are kept in ``last_stats`` for ``mole_ds.aux_loss``; the
-    token mask (1 = real token) is set by a hook that ``patch_model`` puts on the language model.
+    The module never calls a collective: the dispatcher decides where rows go. The routing statistics of the
+    last forward are kept in ``last_stats`` for ``mole_ds.aux_loss``; the token mask (1 = real token) is set by
+    a hook that ``patch_model`` puts on the language model.
     """
 
     def __init__(self, mlp: nn.Module, config: MoLEConfig, layer_idx: int = 0,
@@ -69,53 +64,49 @@ class MoLEMLP(nn.Module):
                              f"match hidden states of batch {B} and length {S}")
         return m[:, -S:].to(device)  # with a KV cache the mask covers past + current tokens
 
+    def _domain_T(self, B: int, S: int) -> torch.Tensor | None:
+        d = self.sample_domains
+        if d is None or self.config.routing != "oracle":
+            return None
+        if d.dim() != 1 or d.shape[0] != B:
+            raise ValueError(f"MoLE layer {self.layer_idx}: sample domains of shape {tuple(d.shape)} do not match "
+                             f"a batch of {B}")
+        return d.view(B, 1).expand(B, S).reshape(-1)
+
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         shape = x_BSD.shape
         D = shape[-1]
         x_TD = x_BSD.reshape(-1, D)
         B, S = (shape[0], shape[1]) if len(shape) == 3 else (1, x_TD.shape[0])
 
-        route = self.router.route(self.router(x_TD))
+        route = self.router.route(self.router(x_TD), self._domain_T(B, S))
         self.last_stats = routing_stats(route.logits_TE, route.probs_TE, route.chosen_TK, self._mask_BS(B, S, x_TD.device))
 
-        ex = self.experts
-        plan = self.dispatcher.plan(route.expert_idx_TJ, route.weights_TJ, self.config.num_experts)
-        if self._sorted_path_ok(route):
-            return self._forward_sorted(x_TD, plan).view(shape)
-        dg_TF, du_TF = ex(self.lora_dropout(x_TD), plan, self.dispatcher, ("gate", "up"))
-        g_TF = self.gate_proj(x_TD) + self.scaling * dg_TF.to(x_TD.dtype)
-        u_TF = self.up_proj(x_TD) + self.scaling * du_TF.to(x_TD.dtype)
-        h_TF = self.act_fn(g_TF) * u_TF
-        (dd_TD,) = ex(self.lora_dropout(h_TF), plan, self.dispatcher, ("down",))
-        y_TD = self.down_proj(h_TF) + self.scaling * dd_TD.to(h_TF.dtype)
-        return y_TD.view(shape)
-
-    def _sorted_path_ok(self, route) -> bool:
         d = self.dispatcher
-        return (type(d) is LocalDispatcher and d.backend.name != "loop" and route.expert_idx_TJ.shape[1] == 1
-                and self.experts.num_experts == self.config.num_experts)
+        plan = d.plan(route.expert_idx_TJ, self.config.num_experts)
+        x_QD, w_Q1 = d.dispatch(x_TD, plan, route.delta_weight_TJ)
+        y_QD = self.expert_mlp(x_QD, d.local_counts(plan), w_Q1)
+        return d.combine(y_QD, plan, route.combine_weight_TJ, x_TD.shape[0]).view(shape)
 
-    def _forward_sorted(self, x_TD: torch.Tensor, plan) -> torch.Tensor:
-        ex, s = self.experts, self.scaling
-        order_T, counts_E = plan.order_R, plan.counts_E
-        # Sparse routing adds the delta unscaled: skip a (T, intermediate) multiply by ones.
-        w_T1 = None if self.config.routing == "sparse" else plan.weight_R.to(x_TD.dtype)[:, None]
-        xs_TD = x_TD.index_select(0, order_T)
-        xd_TD = self.lora_dropout(xs_TD)
-        dg_TF, du_TF = ex(xd_TD, plan, self.dispatcher, ("gate", "up"), grouped_counts=counts_E)
-        if w_T1 is not None:
-            dg_TF, du_TF = dg_TF * w_T1, du_TF * w_T1
-        g_TF = self.gate_proj(xs_TD) + s * dg_TF.to(xs_TD.dtype)
-        u_TF = self.up_proj(xs_TD) + s * du_TF.to(xs_TD.dtype)
-        h_TF = self.act_fn(g_TF) * u_TF
-        (dd_TD,) = ex(self.lora_dropout(h_TF), plan, self.dispatcher, ("down",), grouped_counts=counts_E)
-        if w_T1 is not None:
-            dd_TD = dd_TD * w_T1
-        ys_TD = self.down_proj(h_TF) + s * dd_TD.to(h_TF.dtype)
-        # Inverse permutation as a gather (its backward is a cheap scatter of the (T, hidden) gradient).
-        inv_T = torch.empty_like(order_T)
-        inv_T[order_T] = torch.arange(order_T.numel(), device=order_T.device)
-        return ys_TD.index_select(0, inv_T)
+    def expert_mlp(self, x_QD: torch.Tensor, counts_L: torch.Tensor, w_Q1: torch.Tensor | None) -> torch.Tensor:
+        """The MLP of rows grouped by local expert (``counts_L[e]`` rows of expert e, in order).
+
+        1. dg, du = w * grouped LoRA (gate, up) of dropout(x);
+        2. g = gate_proj(x) + s dg, u = up_proj(x) + s du, h = act(g) * u  (s = alpha / rank);
+        3. y = down_proj(h) + s * w * grouped LoRA (down) of dropout(h).
+        Sparse routing has w = None: no (rows, intermediate) multiply by ones.
+        """
+        ex, s, backend = self.experts, self.scaling, self.dispatcher.backend
+        dg_QF, du_QF = ex(self.lora_dropout(x_QD), counts_L, backend, ("gate", "up"))
+        if w_Q1 is not None:
+            dg_QF, du_QF = dg_QF * w_Q1, du_QF * w_Q1
+        g_QF = self.gate_proj(x_QD) + s * dg_QF.to(x_QD.dtype)
+        u_QF = self.up_proj(x_QD) + s * du_QF.to(x_QD.dtype)
+        h_QF = self.act_fn(g_QF) * u_QF
+        (dd_QD,) = ex(self.lora_dropout(h_QF), counts_L, backend, ("down",))
+        if w_Q1 is not None:
+            dd_QD = dd_QD * w_Q1
+        return self.down_proj(h_QF) + s * dd_QD.to(h_QF.dtype)
 
     def extra_repr(self) -> str:
         c = self.config

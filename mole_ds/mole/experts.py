@@ -61,17 +61,13 @@ class LoRAExperts(nn.Module):
                     A[e].copy_(a)
                 B.zero_()
 
-    def forward(self, x: torch.Tensor, plan, dispatcher, projections: tuple[str, ...],
-                grouped_counts: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Unscaled LoRA deltas of ``projections`` (which share the input ``x``).
+    def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor, backend, projections: tuple[str, ...]) -> list[torch.Tensor]:
+        """Unscaled LoRA deltas of ``projections`` (which share the input) for rows grouped by expert:
+        ``counts_E[e]`` rows of local expert e, in order.
 
-        With ``grouped_counts`` the rows of ``x`` are already grouped by expert (``grouped_counts[e]`` rows of
-        expert e, in order) and go straight to the backend's grouped product; otherwise the dispatcher routes
-        them with ``plan``. Either way the work runs inside this module's forward, which is what lets ZeRO-3
-        gather these tensors (its hooks fire on module calls), on every rank in the same order."""
-        if grouped_counts is not None:
-            return [dispatcher.backend.grouped_lora(x, grouped_counts, *self.pair(p)) for p in projections]
-        return dispatcher.lora(x, plan, [self.pair(p) for p in projections])
+        The products run inside this module's forward, which is what lets ZeRO-3 gather these tensors (its hooks
+        fire on module calls), on every rank in the same order, even for zero rows."""
+        return [backend.grouped_lora(x_RD, counts_E, *self.pair(p)) for p in projections]
 
     def pair(self, proj: str) -> tuple[nn.Parameter, nn.Parameter]:
         """(A_ErI, B_EOr) of one projection."""

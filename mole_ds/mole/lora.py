@@ -9,17 +9,17 @@ import torch.nn.functional as F
 
 
 class LoRALinear(nn.Module):
-    """``base(x) + (alpha/r) * B(A(dropout(x)))`` that takes over the base Linear's own parameters.
+    """``base_layer(x) + (alpha/r) * B(A(dropout(x)))``: wraps the frozen Linear and calls it, as PEFT does.
 
-    The frozen ``weight``/``bias`` are re-registered under the same names, so ``q_proj.weight`` keeps its
-    state-dict key; the adapter adds ``lora_A`` (r, in) and ``lora_B`` (out, r), PEFT's shapes and init.
+    The base stays a submodule (``q_proj.base_layer.weight`` in the state dict, PEFT's key), so whatever the base
+    layer does (a quantized Linear, ZeRO-3's gather hooks) keeps working; the adapter adds ``lora_A`` (r, in) and
+    ``lora_B`` (out, r), PEFT's shapes and init (B = 0, so a fresh adapter changes nothing).
     """
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float) -> None:
         super().__init__()
+        self.base_layer = base
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.bias = base.bias
         factory = {"dtype": base.weight.dtype, "device": base.weight.device}
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **factory))
@@ -27,8 +27,17 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = float(alpha) / rank
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight (code that inspects ``proj.weight`` keeps working)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = F.linear(x, self.weight, self.bias)
+        base = self.base_layer(x)
         delta = F.linear(F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B)
         return base + self.scaling * delta.to(base.dtype)
 

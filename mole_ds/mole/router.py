@@ -10,25 +10,32 @@ import torch.nn.functional as F
 
 @dataclass
 class RouterOutput:
-    """What one router call decided, for the dispatcher and for the losses."""
+    """What one router call decided, for the dispatcher and for the losses.
+
+    A token is dispatched as J rows (J = top_k, or E in dense mode); row j runs the MLP with expert
+    ``expert_idx_TJ[:, j]``'s LoRA deltas scaled by ``delta_weight_TJ[:, j]`` and its output is summed into the
+    token with weight ``combine_weight_TJ[:, j]``. ``None`` means "all ones" (no multiply, no tensor moved).
+    """
 
     logits_TE: torch.Tensor
     """fp32 router logits."""
     probs_TE: torch.Tensor
     """fp32 softmax probabilities."""
     chosen_TK: torch.Tensor
-    """int64 top-k experts per token (what routing statistics and balance losses count)."""
+    """int64 experts each token counts for in routing statistics and balance losses."""
     expert_idx_TJ: torch.Tensor
-    """int64 experts each token is dispatched to (J = K, or E in dense mode)."""
-    weights_TJ: torch.Tensor
-    """fp32 multiplier of each dispatched expert's delta (ones in sparse mode, no grad)."""
+    """int64 experts each token is dispatched to."""
+    delta_weight_TJ: torch.Tensor | None
+    """fp32 multiplier of each row's LoRA deltas (inside the MLP), or None for 1."""
+    combine_weight_TJ: torch.Tensor | None
+    """fp32 weight of each row's MLP output in its token's output, or None for 1 (top-1)."""
 
 
 class TopKRouter(nn.Linear):
-    """``nn.Linear(hidden, E, bias=True)`` whose forward returns a :class:`RouterOutput`.
+    """``nn.Linear(hidden, E, bias=True)`` whose ``route`` turns fp32 logits into a :class:`RouterOutput`.
 
     It is a plain Linear in the state dict (``router.weight``, ``router.bias``), so checkpoints stay
-    readable by anything that knows the paper's layout.
+    readable by anything that knows the paper's layout. Routing modes: see :class:`mole_ds.MoLEConfig`.
     """
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, routing: str, **factory) -> None:
@@ -44,25 +51,38 @@ class TopKRouter(nn.Linear):
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             return F.linear(x_TD.float(), self.weight.float(), self.bias.float())
 
-    def route(self, logits_TE: torch.Tensor) -> RouterOutput:
-        """The routing decision for fp32 logits (no parameters used)."""
+    def route(self, logits_TE: torch.Tensor, domain_T: torch.Tensor | None = None) -> RouterOutput:
+        """The routing decision for fp32 logits (no parameters used). ``domain_T``: per-token domain id,
+        needed by ``oracle`` routing only."""
         probs_TE = logits_TE.softmax(dim=-1)
-        _, chosen_TK = probs_TE.topk(self.top_k, dim=-1)
+        T, E = probs_TE.shape
+        k = self.top_k
+        if self.routing == "oracle":
+            if domain_T is None:
+                raise ValueError("mole.routing ('oracle') needs each sample's domain id: call "
+                                 "mole_ds.set_sample_domains(model, domain_ids) before the forward (the training "
+                                 "loop does it for batches that carry domain ids)")
+            idx_T1 = (domain_T.to(device=logits_TE.device, dtype=torch.long) % E).view(T, 1)
+            return RouterOutput(logits_TE, probs_TE, idx_T1, idx_T1, None, None)
+        _, chosen_TK = probs_TE.topk(k, dim=-1)
+        # Top-k rows are averaged (c = 1/k) so the frozen base output keeps weight 1.
+        mean_TK = None if k == 1 else torch.full((T, k), 1.0 / k, device=logits_TE.device)
         if self.routing == "sparse":
             # The paper: the chosen deltas are added unscaled; the router learns only from aux losses.
-            expert_idx_TJ = chosen_TK
-            weights_TJ = torch.ones_like(chosen_TK, dtype=torch.float32)
-        elif self.routing == "weighted":
+            return RouterOutput(logits_TE, probs_TE, chosen_TK, chosen_TK, None, mean_TK)
+        if self.routing == "weighted":
             # Full-softmax probability (not renormalised over top-k) so top-1 still gets task gradient.
-            expert_idx_TJ = chosen_TK
-            weights_TJ = probs_TE.gather(1, chosen_TK)
-        elif self.routing == "dense":
-            T, E = probs_TE.shape
-            expert_idx_TJ = torch.arange(E, device=logits_TE.device).expand(T, E)
-            weights_TJ = probs_TE
-        else:  # validated in MoLEConfig; kept for modules built by hand
-            raise ValueError(f"router.routing ({self.routing!r}) must be sparse, weighted or dense")
-        return RouterOutput(logits_TE, probs_TE, chosen_TK, expert_idx_TJ, weights_TJ)
+            return RouterOutput(logits_TE, probs_TE, chosen_TK, chosen_TK, probs_TE.gather(1, chosen_TK), mean_TK)
+        if self.routing == "st":
+            # Straight-through: (p - stopgrad(p)) is exactly 0, so the forward is sparse's bit for bit; the
+            # backward passes d loss / d w to p.
+            p_TK = probs_TE.gather(1, chosen_TK)
+            return RouterOutput(logits_TE, probs_TE, chosen_TK, chosen_TK, (p_TK - p_TK.detach()) + 1.0, mean_TK)
+        if self.routing == "dense":
+            idx_TE = torch.arange(E, device=logits_TE.device).expand(T, E)
+            return RouterOutput(logits_TE, probs_TE, chosen_TK, idx_TE, None, probs_TE)
+        # validated in MoLEConfig; kept for modules built by hand
+        raise ValueError(f"router.routing ({self.routing!r}) must be sparse, weighted, st, dense or oracle")
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, top_k={self.top_k}, routing={self.routing}"

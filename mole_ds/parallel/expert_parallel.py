@@ -5,30 +5,10 @@ import torch.nn as nn
 
 from ..config import MoLEConfig
 from ..patching import PatchReport, mole_layers, patch_model
+from .all_to_all import CommStats
+from .deepspeed_compat import is_expert_param, tag_expert_param
 from .dispatcher import ExpertParallelDispatcher
 from .groups import EPContext
-
-# DeepSpeed reads these attributes (pinned: deepspeed>=0.19.3,<0.20; tests/dist checks the behaviour):
-# * allreduce=False + group_name: the engine broadcasts the tensor only inside its expert-data-parallel group
-#   at start-up (otherwise rank 0's experts would overwrite every rank's) and ZeRO-1/2 reduce it there;
-# * ds_zero_partition_process_group: ZeRO-3 partitions the tensor over the expert-data-parallel group only;
-# * ds_zero_placement_family="autoep_expert" + ds_zero_partition_group_name: ZeRO-3 averages its gradient
-#   over the whole data-parallel world (the same scale as every other gradient) and adds it to the global
-#   gradient norm across the expert-parallel group.
-EXPERT_FAMILY = "autoep_expert"
-
-
-def tag_expert_param(p: nn.Parameter, ctx: EPContext) -> None:
-    """Mark one expert tensor as owned by this rank's expert-parallel slice."""
-    p.allreduce = False
-    p.group_name = ctx.group_name
-    p.ds_zero_partition_process_group = ctx.edp_group
-    p.ds_zero_placement_family = EXPERT_FAMILY
-    p.ds_zero_partition_group_name = ctx.group_name
-
-
-def is_expert_param(p: nn.Parameter) -> bool:
-    return getattr(p, "allreduce", True) is False
 
 
 def patch_model_expert_parallel(model: nn.Module, config: MoLEConfig, ctx: EPContext | None) -> PatchReport:
@@ -57,17 +37,29 @@ def apply_expert_parallel(model: nn.Module, ctx: EPContext) -> None:
         mlp.dispatcher = ExpertParallelDispatcher(mlp.dispatcher.backend, ctx.ep_group, ctx.ep_size, ctx.ep_rank,
                                                   cfg.num_experts)
         for p in mlp.experts.parameters():
-            tag_expert_param(p, ctx)
+            tag_expert_param(p, ctx.group_name, ctx.edp_group)
+
+
+def comm_stats(model: nn.Module, reset: bool = True) -> CommStats:
+    """The expert all-to-all traffic of every MoLE layer since the last reset, summed (zeros without EP)."""
+    total = CommStats()
+    for mlp in mole_layers(model):
+        s = getattr(mlp.dispatcher, "stats", None)
+        if s is None:
+            continue
+        for f in ("fwd_bytes", "bwd_bytes", "fwd_calls", "bwd_calls", "fwd_rows", "meta_calls"):
+            setattr(total, f, getattr(total, f) + getattr(s, f))
+        if reset:
+            s.reset()
+    return total
 
 
 def all_to_all_bytes(model: nn.Module, reset: bool = True) -> dict[str, int]:
     """Bytes this rank sent to *other* ranks through the expert all-to-alls since the last reset, forward and
     backward separately: ``{"a2a_bytes_fwd": ..., "a2a_bytes_bwd": ...}`` (zeros without expert parallelism)."""
-    fwd = bwd = 0
-    for mlp in mole_layers(model):
-        d = mlp.dispatcher
-        if isinstance(d, ExpertParallelDispatcher):
-            fwd += d.bytes_sent
-            if reset:
-                d.bytes_sent = 0
-    return {"a2a_bytes_fwd": fwd, "a2a_bytes_bwd": bwd}
+    s = comm_stats(model, reset)
+    return {"a2a_bytes_fwd": s.fwd_bytes, "a2a_bytes_bwd": s.bwd_bytes}
+
+
+__all__ = ["patch_model_expert_parallel", "apply_expert_parallel", "comm_stats", "all_to_all_bytes",
+           "is_expert_param", "tag_expert_param"]

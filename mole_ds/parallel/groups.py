@@ -1,15 +1,16 @@
-"""Expert-parallel process groups, from DeepSpeed's own registry (deepspeed.utils.groups).
+"""Expert-parallel layout: where this rank sits (groups come from DeepSpeed's registry, see deepspeed_compat).
 
-With world W and ep_size P, DeepSpeed builds expert-parallel groups of consecutive ranks
-([0..P-1], [P..2P-1], ...) and expert-data-parallel groups of strided ranks ([0, P, 2P, ...], ...):
-a rank owns the experts ``[ep_rank * E/P, (ep_rank + 1) * E/P)`` and shares them with its
-expert-data-parallel peers.
+With world W and ep_size P, expert-parallel groups are consecutive ranks ([0..P-1], [P..2P-1], ...) and
+expert-data-parallel groups strided ranks ([0, P, 2P, ...], ...): a rank owns the experts
+``[ep_rank * E/P, (ep_rank + 1) * E/P)`` and shares them with its expert-data-parallel peers.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch.distributed as dist
+
+from . import deepspeed_compat
 
 
 @dataclass
@@ -30,34 +31,24 @@ class EPContext:
         return self.ep_rank * n, n
 
 
-def check_ep_size(ep_size: int, world_size: int, num_experts: int | None = None) -> list[str]:
-    """Every problem with an expert-parallel degree, named with values."""
-    p = []
-    if ep_size < 1:
-        p.append(f"mole.ep_size ({ep_size}) must be >= 1")
-        return p
+def check_ep_size(ep_size: int, world_size: int) -> list[str]:
+    """Every problem with an expert-parallel degree for a world size, named with values. (Divisibility of
+    num_experts by ep_size is MoLEConfig's own validation.)"""
     if ep_size > world_size:
-        p.append(f"mole.ep_size ({ep_size}) must be <= world size ({world_size})")
-    elif world_size % ep_size:
-        p.append(f"world size ({world_size}) must be divisible by mole.ep_size ({ep_size})")
-    if num_experts is not None and num_experts % ep_size:
-        p.append(f"mole.num_experts ({num_experts}) must be divisible by mole.ep_size ({ep_size})")
-    return p
+        return [f"mole.ep_size ({ep_size}) must be <= world size ({world_size})"]
+    if world_size % ep_size:
+        return [f"world size ({world_size}) must be divisible by mole.ep_size ({ep_size})"]
+    return []
 
 
-def create_expert_groups(ep_size: int, num_experts: int | None = None) -> EPContext:
+def create_expert_groups(ep_size: int) -> EPContext:
     """Create (or reuse) DeepSpeed's expert-parallel and expert-data-parallel groups for ``ep_size``."""
     if not dist.is_initialized():
         raise RuntimeError("expert parallelism needs torch.distributed; call deepspeed.init_distributed() first")
     world, rank = dist.get_world_size(), dist.get_rank()
-    problems = check_ep_size(ep_size, world, num_experts)
+    problems = check_ep_size(ep_size, world)
     if problems:
         raise ValueError("invalid expert parallel layout:\n  " + "\n  ".join(problems))
-    from deepspeed.utils import groups
-
-    name = f"ep_size_{ep_size}"
-    if name not in groups._get_expert_parallel_group_dict():
-        groups._create_expert_and_data_parallel(ep_size)
-    return EPContext(ep_size=ep_size, ep_rank=groups._get_expert_parallel_rank(name), group_name=name,
-                     ep_group=groups._get_expert_parallel_group(name),
-                     edp_group=groups._get_expert_data_parallel_group(name), world_size=world, rank=rank)
+    name, ep_group, edp_group, ep_rank = deepspeed_compat.expert_groups(ep_size)
+    return EPContext(ep_size=ep_size, ep_rank=ep_rank, group_name=name, ep_group=ep_group, edp_group=edp_group,
+                     world_size=world, rank=rank)

@@ -11,24 +11,9 @@ import torch
 import torch.distributed as dist
 
 from ..parallel import EPContext, create_expert_groups, is_expert_param, patch_model_expert_parallel
+from ..parallel.deepspeed_compat import check_deepspeed_version, moe_marker, split_moe_param_groups
 from ..patching import PatchReport
 from .config import ModelSection, RunConfig
-
-# Tested range of DeepSpeed: the expert-parallel path relies on ZeRO-3 per-parameter partition groups
-# (>= 0.19.3) and on attributes internal to DeepSpeed (see mole_ds/parallel/expert_parallel.py).
-DEEPSPEED_TESTED = ((0, 19, 3), (0, 20, 0))
-
-
-def check_deepspeed_version(version: str | None = None) -> None:
-    import deepspeed
-
-    v = version or deepspeed.__version__
-    parts = tuple(int(x) for x in v.split("+")[0].split(".")[:3] if x.isdigit())
-    lo, hi = DEEPSPEED_TESTED
-    if not (lo <= parts < hi):
-        raise RuntimeError(f"deepspeed {v} is outside the tested range >={'.'.join(map(str, lo))},"
-                           f"<{'.'.join(map(str, hi))}: expert parallelism uses its internal ZeRO-3 attributes")
-
 
 def ds_stage(ds: dict) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
@@ -124,28 +109,6 @@ class TrainSetup:
     ds_config: dict
 
 
-def _moe_marker(num_experts: int, ep_size: int):
-    # ZeRO-1/2 route expert gradients over the expert-data-parallel group only when the engine believes the
-    # model has DeepSpeed MoE layers (an isinstance check). This parameter-less marker makes it so; it never
-    # runs. (ZeRO-3 needs no marker: it reads the per-parameter tags.)
-    from deepspeed.moe.layer import MoE
-
-    class DeepSpeedMoEMarker(MoE):
-        def __init__(self) -> None:
-            torch.nn.Module.__init__(self)
-            self.num_experts, self.ep_size = num_experts, ep_size
-            self.expert_group_name = f"ep_size_{ep_size}"
-            self.num_local_experts = 0  # DeepSpeed then writes/reads no MoE expert files of its own
-
-        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
-            pass  # our groups already exist
-
-        def forward(self, *args, **kwargs):
-            raise RuntimeError("DeepSpeedMoEMarker is a marker for DeepSpeed's engine and is never called")
-
-    return DeepSpeedMoEMarker()
-
-
 def param_groups(model: torch.nn.Module, stage: int, ep_size: int, weight_decay: float) -> list[dict]:
     """Trainable params; ZeRO-1/2 with expert parallelism needs expert tensors in their own 'moe' groups."""
     decay, no_decay = [], []
@@ -156,9 +119,7 @@ def param_groups(model: torch.nn.Module, stage: int, ep_size: int, weight_decay:
     groups = [g for g in ({"params": decay, "weight_decay": weight_decay, "name": "decay"},
                           {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}) if g["params"]]
     if stage in (1, 2) and ep_size > 1:
-        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-
-        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+        groups = split_moe_param_groups(groups)
     return groups
 
 
@@ -175,7 +136,7 @@ def setup_training(cfg: RunConfig, ds: dict, total_steps: int | None = None,
     import deepspeed
 
     check_deepspeed_version()
-    ep = create_expert_groups(cfg.mole.ep_size, cfg.mole.num_experts) if cfg.mole.ep_size > 1 else None
+    ep = create_expert_groups(cfg.mole.ep_size) if cfg.mole.ep_size > 1 else None
     model, processor = build_model(cfg.model, ds, seed=cfg.train.seed)
     if base_dir is not None and cfg.model.path is None and (not dist.is_initialized() or dist.get_rank() == 0):
         # The embedded base is built from a seed; keep it beside the run so exports can be loaded onto it.
@@ -188,7 +149,7 @@ def setup_training(cfg: RunConfig, ds: dict, total_steps: int | None = None,
         report = patch_model_expert_parallel(model, cfg.mole, ep)
     stage = ds_stage(ds)
     if ep is not None and stage in (1, 2):
-        model.add_module("deepspeed_moe_marker", _moe_marker(cfg.mole.num_experts, cfg.mole.ep_size))
+        model.add_module("deepspeed_moe_marker", moe_marker(cfg.mole.num_experts, cfg.mole.ep_size))
     if cfg.model.path is None:
         model.to(model_dtype(cfg.model, ds))
     if prepare_model is not None:  # e.g. tests forcing a routing, before DeepSpeed partitions anything

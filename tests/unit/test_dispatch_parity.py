@@ -31,7 +31,7 @@ def _assert_parity(a, b, x, mask=None):
     return ga
 
 
-CASES = [(E, k, r) for E in (1, 2, 8, 64) for k in (1, 2) for r in ("sparse", "weighted", "dense") if k <= E]
+CASES = [(E, k, r) for E in (1, 2, 8, 64) for k in (1, 2) for r in ("sparse", "weighted", "st", "dense") if k <= E]
 
 
 @pytest.mark.parametrize("E,top_k,routing", CASES)
@@ -49,7 +49,7 @@ def test_torch_matches_loop(E, top_k, routing):
         assert grads["experts.up_B"][empty].abs().sum() == 0
 
 
-@pytest.mark.parametrize("routing", ["sparse", "weighted", "dense"])
+@pytest.mark.parametrize("routing", ["sparse", "weighted", "st", "dense"])
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_all_tokens_on_one_expert(routing, top_k):
     E = 8

@@ -7,19 +7,15 @@ One interface, several implementations, chosen by ``MoLEConfig.backend``:
   groups, scatter back. CPU and CUDA, no extra packages.
 * ``megablocks``: CUDA only; MegaBlocks ops for the permutation and grouped GEMM for the LoRA products.
 
-Every backend provides the same four steps (so the expert-parallel dispatcher can put an all-to-all
-between them):
-
-1. ``plan(expert_idx_TJ, weights_TJ, num_experts)``: which row goes where (a :class:`Plan`).
-2. ``gather(x_TD, plan)``: rows grouped by expert, x_RD.
-3. ``grouped_lora(x_RD, counts_E, A_ErI, B_EOr)``: each group times its expert's A then B, y_RO.
-4. ``combine(y_RO, plan, num_tokens)``: weight each row and sum rows back onto their tokens, y_TO.
+Every backend provides the same four steps (see :class:`Backend`): plan, gather, grouped_lora, scatter.
+A token dispatcher drives them: :class:`LocalDispatcher` (every expert here) or the expert-parallel one in
+``mole_ds.parallel``, which puts one all-to-all after ``gather`` and one before ``scatter``.
 """
 from __future__ import annotations
 
 import torch
 
-from .base import Backend, LocalDispatcher, Plan
+from .base import Backend, LocalDispatcher, Plan, scatter_rows, sort_plan
 from .loop import LoopBackend
 from .torch_grouped import TorchGroupedBackend
 from .megablocks import MegaBlocksBackend, megablocks_available
@@ -46,6 +42,6 @@ def get_backend(name: str, device: torch.device | str | None = None) -> Backend:
 
 
 __all__ = [
-    "Backend", "LocalDispatcher", "Plan", "LoopBackend", "TorchGroupedBackend", "MegaBlocksBackend",
+    "Backend", "LocalDispatcher", "Plan", "scatter_rows", "sort_plan", "LoopBackend", "TorchGroupedBackend", "MegaBlocksBackend",
     "get_backend", "resolve_backend_name", "megablocks_available",
 ]

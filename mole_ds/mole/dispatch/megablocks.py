@@ -44,10 +44,10 @@ class MegaBlocksBackend(Backend):
         self._mb = mb_ops
         self._gmm = gg_ops.gmm
 
-    def plan(self, expert_idx_TJ, weights_TJ, num_experts):
+    def plan(self, expert_idx_TJ, num_experts):
         # 1. sort the flattened (token, slot) choices by expert with MegaBlocks' radix sort;
         # 2. histogram -> rows per expert, inclusive cumsum -> bin ends;
-        # 3. keep token_R / weight_R too so an outer expert-parallel dispatcher can use the plan.
+        # 3. keep order_R / token_R too, so an outer expert-parallel dispatcher can use the plan.
         mb = self._mb
         J = expert_idx_TJ.shape[1]
         flat_R = expert_idx_TJ.reshape(-1).int()
@@ -57,19 +57,19 @@ class MegaBlocksBackend(Backend):
         bins = mb.inclusive_cumsum(counts, 0)
         bins = bins.view(1) if bins.dim() == 0 else bins
         order_R = indices.long()
-        return Plan(expert_idx_TJ, weights_TJ, num_experts, order_R, order_R // J,
-                    weights_TJ.reshape(-1)[order_R], counts.long(), extra=(indices, bin_ids, bins, J))
+        return Plan(num_experts, J, order_R, order_R // J, counts.long(), extra=(indices, bin_ids, bins))
 
     def gather(self, x_TD, plan):
-        indices, bin_ids, bins, J = plan.extra
-        return self._mb.gather(x_TD, indices, bin_ids, bins, J)
+        indices, bin_ids, bins = plan.extra
+        return self._mb.gather(x_TD, indices, bin_ids, bins, plan.J)
 
     def grouped_lora(self, x_RD, counts_E, A_ErI, B_EOr):
         batch_sizes = counts_E.to("cpu", torch.int64)  # grouped_gemm wants host-side sizes
         h_Rr = self._gmm(x_RD, A_ErI, batch_sizes, trans_b=True)
         return self._gmm(h_Rr, B_EOr, batch_sizes, trans_b=True)
 
-    def combine(self, y_RO, plan, num_tokens):
-        indices, bin_ids, bins, J = plan.extra
-        w = plan.weights_TJ.reshape(-1).to(y_RO.dtype)
-        return self._mb.scatter(y_RO, indices, bin_ids, w, bins, J)
+    def scatter(self, y_RO, plan, weight_TJ, num_tokens):
+        # MegaBlocks indexes the weights by flattened (token, slot), scales rows when given, sums the J rows.
+        indices, bin_ids, bins = plan.extra
+        w = None if weight_TJ is None else weight_TJ.reshape(-1).to(y_RO.dtype)
+        return self._mb.scatter(y_RO, indices, bin_ids, w, bins, plan.J)

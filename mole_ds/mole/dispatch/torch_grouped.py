@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Backend, Plan
+from .base import Backend, scatter_rows, sort_plan
 
 
 def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
@@ -39,16 +39,8 @@ class TorchGroupedBackend(Backend):
 
     name = "torch"
 
-    def plan(self, expert_idx_TJ, weights_TJ, num_experts):
-        # 1. flatten the (token, slot) choices into R = T*J rows;
-        # 2. stable-sort rows by expert (rows of one expert stay in token order);
-        # 3. count rows per expert (the group sizes) - empty experts get a zero-size group.
-        J = expert_idx_TJ.shape[1]
-        flat_R = expert_idx_TJ.reshape(-1)
-        order_R = torch.argsort(flat_R, stable=True)
-        counts_E = torch.bincount(flat_R, minlength=num_experts)
-        return Plan(expert_idx_TJ, weights_TJ, num_experts, order_R, order_R // J,
-                    weights_TJ.reshape(-1)[order_R], counts_E)
+    def plan(self, expert_idx_TJ, num_experts):
+        return sort_plan(expert_idx_TJ, num_experts)
 
     def gather(self, x_TD, plan):
         return x_TD.index_select(0, plan.token_R)
@@ -65,6 +57,5 @@ class TorchGroupedBackend(Backend):
         h_Rr = grouped_matmul(x_RD, A_ErI.transpose(1, 2), counts_E)
         return grouped_matmul(h_Rr, B_EOr.transpose(1, 2), counts_E)
 
-    def combine(self, y_RO, plan, num_tokens):
-        w_R1 = plan.weight_R.to(y_RO.dtype)[:, None]
-        return y_RO.new_zeros(num_tokens, y_RO.shape[1]).index_add(0, plan.token_R, y_RO * w_R1)
+    def scatter(self, y_RO, plan, weight_TJ, num_tokens):
+        return scatter_rows(y_RO, plan, weight_TJ, num_tokens)

@@ -1,0 +1,114 @@
+"""Every DeepSpeed internal that mole_ds relies on, in one place.
+
+DeepSpeed has no public API for a custom expert layer under ZeRO-3, so expert parallelism uses (pinned:
+``deepspeed>=0.19.3,<0.20``; ``tests/unit/test_deepspeed_compat.py`` checks each against the installed
+version, ``tests/dist`` checks the behaviour):
+
+* the private expert-group registry ``deepspeed.utils.groups`` (``_create_expert_and_data_parallel`` and its
+  getters): expert-parallel groups of consecutive ranks, expert-data-parallel groups of strided ranks;
+* per-parameter tags read by the engine and ZeRO:
+  - ``allreduce=False`` + ``group_name``: the engine broadcasts the tensor only inside its expert-data-parallel
+    group at start-up (otherwise rank 0's experts would overwrite every rank's) and ZeRO-1/2 reduce it there;
+  - ``ds_zero_partition_process_group``: ZeRO-3 partitions the tensor over the expert-data-parallel group;
+  - ``ds_zero_placement_family="autoep_expert"`` + ``ds_zero_partition_group_name``: ZeRO-3 averages its
+    gradient over the whole data-parallel world (the scale of every other gradient) and adds it to the
+    global gradient norm across the expert-parallel group (AutoEP's expert family);
+* the ZeRO-1/2 MoE marker: the engine reduces expert gradients over the expert-data-parallel group only when
+  it believes the model has ``deepspeed.moe.layer.MoE`` layers (an isinstance check), and the optimizer needs
+  expert tensors in their own ``moe`` parameter groups.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+TESTED_RANGE = ((0, 19, 3), (0, 20, 0))
+EXPERT_FAMILY = "autoep_expert"
+TAGS = ("allreduce", "group_name", "ds_zero_partition_process_group", "ds_zero_placement_family",
+        "ds_zero_partition_group_name")
+
+
+def parse_version(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split("+")[0].split(".")[:3] if x.isdigit())
+
+
+def check_deepspeed_version(version: str | None = None) -> None:
+    """Refuse a DeepSpeed outside the tested range, naming both."""
+    import deepspeed
+
+    v = version or deepspeed.__version__
+    lo, hi = TESTED_RANGE
+    if not (lo <= parse_version(v) < hi):
+        raise RuntimeError(f"deepspeed {v} is outside the tested range >={'.'.join(map(str, lo))},"
+                           f"<{'.'.join(map(str, hi))}: expert parallelism uses its internal ZeRO attributes "
+                           "(mole_ds/parallel/deepspeed_compat.py)")
+
+
+def group_name(ep_size: int) -> str:
+    """DeepSpeed's registry key for the groups of one expert-parallel degree."""
+    return f"ep_size_{ep_size}"
+
+
+def expert_groups(ep_size: int) -> tuple[str, object, object, int]:
+    """(name, expert-parallel group, expert-data-parallel group, rank in the expert-parallel group), created in
+    DeepSpeed's registry on first use (so its engine finds them by name)."""
+    from deepspeed.utils import groups
+
+    name = group_name(ep_size)
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    return (name, groups._get_expert_parallel_group(name), groups._get_expert_data_parallel_group(name),
+            groups._get_expert_parallel_rank(name))
+
+
+def tag_expert_param(p: nn.Parameter, name: str, edp_group) -> None:
+    """Mark one expert tensor as owned by this rank's expert-parallel slice (see the module docstring)."""
+    p.allreduce = False
+    p.group_name = name
+    p.ds_zero_partition_process_group = edp_group
+    p.ds_zero_placement_family = EXPERT_FAMILY
+    p.ds_zero_partition_group_name = name
+
+
+def is_expert_param(p: nn.Parameter) -> bool:
+    """True for a tensor tagged by :func:`tag_expert_param` (sharded across the expert-parallel group)."""
+    return getattr(p, "allreduce", True) is False
+
+
+def moe_marker(num_experts: int, ep_size: int) -> nn.Module:
+    """A parameter-less ``deepspeed.moe.layer.MoE`` that never runs: with it ZeRO-1/2 reduce tagged expert
+    gradients over the expert-data-parallel group. (ZeRO-3 needs no marker: it reads the per-tensor tags.)"""
+    from deepspeed.moe.layer import MoE
+
+    class DeepSpeedMoEMarker(MoE):
+        def __init__(self) -> None:
+            nn.Module.__init__(self)
+            self.num_experts, self.ep_size = num_experts, ep_size
+            self.expert_group_name = group_name(ep_size)
+            self.num_local_experts = 0  # DeepSpeed then writes/reads no MoE expert files of its own
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            pass  # our groups already exist
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("DeepSpeedMoEMarker is a marker for DeepSpeed's engine and is never called")
+
+    return DeepSpeedMoEMarker()
+
+
+def split_moe_param_groups(groups: list[dict]) -> list[dict]:
+    """ZeRO-1/2 with expert parallelism: expert tensors in their own 'moe' optimizer groups."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    return split_params_into_different_moe_groups_for_optimizer(groups)
+
+
+def local_numel(p: torch.Tensor) -> int:
+    """Elements of ``p`` held by this rank (ZeRO-3: its partition)."""
+    t = getattr(p, "ds_tensor", None)
+    return int(t.numel()) if t is not None else int(p.numel())
+
+
+def full_numel(p: torch.Tensor) -> int:
+    """Elements of the whole tensor (ZeRO-3 partitioned tensors report it in ds_numel)."""
+    return int(getattr(p, "ds_numel", p.numel()))
