@@ -1,7 +1,7 @@
 """The study tools produce complete, well-formed results (not a particular outcome).
 
-Fast tests check the study logic with fakes; the two slow ones run the real CLIs as subprocesses:
-``tools/conflict_study.py --quick`` and ``tools/scaling_study.py`` on a 2-point sweep (then resumed)."""
+Fast tests check the study logic with fakes; the slow one runs the real CLI as a subprocess:
+``tools/scaling_study.py`` on a 2-point sweep (then resumed). The conflict study: test_conflict_study.py."""
 from __future__ import annotations
 
 import csv
@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from mole_ds.studies.conflict import ConflictConfig, plan_runs, specialisation
 from mole_ds.studies.scaling import ScalingConfig, finite_numbers, parse_field, plan, run_sweep
 from mole_ds.studies.stats import mean_ci, normalise_answer
 
@@ -37,23 +36,6 @@ def test_normalise_answer():
     assert normalise_answer("  The Red.") == "red"
     assert normalise_answer("two!") == normalise_answer("Two")
     assert normalise_answer("a circle") == "circle"
-
-
-def test_specialisation_bounds():
-    assert specialisation([[10, 0, 0], [0, 10, 0], [0, 0, 10]]) == pytest.approx(1.0)
-    assert specialisation([[5, 5, 5], [5, 5, 5], [5, 5, 5]]) == pytest.approx(0.0)
-
-
-def test_conflict_plan_has_every_run_and_seed():
-    cfg = ConflictConfig(seeds=[0, 1], rank_sweep=[4])
-    runs = plan_runs(cfg)
-    groups = {r.group for r in runs}
-    assert groups == {"lora_single", "lora_mix", "lora_mix_2x", "mole_mix", "lora_mix_r4"}
-    assert len(runs) == 2 * (3 + 1 + 1 + 1 + 1)
-    mix = next(r for r in runs if r.group == "lora_mix")
-    assert next(r for r in runs if r.group == "lora_mix_2x").steps == 2 * mix.steps
-    assert next(r for r in runs if r.group == "mole_mix").experts == cfg.experts
-    assert all(r.rank == cfg.lora_rank for r in runs if r.group != "lora_mix_r4")
 
 
 def test_scaling_plan_and_field_errors():
@@ -104,32 +86,6 @@ def _run(cmd: list[str], log: Path, timeout: int = 600) -> subprocess.CompletedP
     if res.returncode != 0:
         pytest.fail(f"{' '.join(cmd[:3])} failed ({res.returncode}); log {log}:\n{(res.stdout + res.stderr)[-3000:]}")
     return res
-
-
-@pytest.mark.slow
-def test_conflict_study_quick(tmp_path):
-    out = tmp_path / "cq"
-    _run([sys.executable, str(ROOT / "tools/conflict_study.py"), "--quick", "--out", str(out)], tmp_path / "cq.log")
-    res = json.loads((out / "results.json").read_text())
-    domains = res["config"]["domains"]
-    groups = ["base", "lora_single", "lora_mix", "lora_mix_2x", "mole_mix"]
-    cells = {(r["group"], r["domain"]): r for r in res["table"]}
-    for g in groups:
-        for d in domains + ["mean"]:
-            row = cells[(g, d)]
-            assert 0.0 <= row["em_mean"] <= 1.0, row
-            if g != "base":
-                assert math.isfinite(row["loss_mean"]) and row["loss_mean"] > 0, row
-    assert not res["errors"]
-    assert len(res["runs"]) == len(domains) + 3
-    cost = {c["group"]: c for c in res["cost"]}
-    assert cost["mole_mix"]["trainable_params"] > cost["lora_mix"]["trainable_params"] > 0
-    assert all(c["wall_s_per_seed"] > 0 for c in cost.values())
-    with open(out / "results.csv") as f:
-        assert len(list(csv.DictReader(f))) == len(groups) * (len(domains) + 1)
-    for png in ("em_bars.png", "routing_mole/routing.png", "runs/mole_mix/seed0/routing.png"):
-        assert (out / png).read_bytes()[:4] == b"\x89PNG", png
-    assert "| mole_mix |" in (out / "table.md").read_text()
 
 
 @pytest.mark.slow

@@ -1,0 +1,169 @@
+"""Train and score one arm of the conflict study in this process (a tiny frozen LLaMA plus LoRA or MoLE).
+
+Algorithm of :func:`train_arm`:
+  1. Base: a tiny ``LlamaForCausalLM`` built from a config with the seed's weights (frozen random; see
+     docs/conflict_study.md for why it is not pretrained), the same for every arm of a seed.
+  2. Patch it with ``mole_ds.patch_model``: plain LoRA is ``MoLEConfig(num_experts=1)`` (E = 1 equals LoRA);
+     MoLE arms use the arm's routing mode. Arms that fix the expert per sample (``oracle`` by domain, or by a
+     hash of the inputs) use ``routing='oracle'`` and hand the ids over with ``mole_ds.set_sample_domains``.
+  3. Train with AdamW (warm-up, cosine decay) on batches whose domains are drawn per sample; the loss is the
+     cross-entropy of the answer token only (predicted at SEP), plus ``mole_ds.aux_loss`` for MoLE.
+  4. Score every trained domain on its held-out inputs: exact match (argmax = greedy decoding of the one
+     answer token) and answer loss; and count routing per (layer, domain, expert) on those inputs, for all
+     prompt tokens and for the SEP position alone (the token whose output is the answer).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import mole_ds
+from mole_ds.demo.conflict import ConflictTask
+from mole_ds.models.tiny import build_tiny_llama
+
+from .routing_table import RoutingTable
+
+ROUTE_BY = ("router", "domain", "input_hash")
+
+
+@dataclass
+class ArmRun:
+    """One training run: which domains it trains on and how its adapter routes."""
+
+    arm: str
+    """Table row (``per_domain``, ``mix``, ``mole_st``, ...)."""
+    train_domains: list[int]
+    steps: int
+    experts: int
+    rank: int
+    routing: str = "sparse"
+    """MoLE routing mode (``oracle`` for the fixed-routing arms)."""
+    route_by: str = "router"
+    """'router' (the learned router), 'domain' (expert = domain mod E) or 'input_hash' (expert = sum of the
+    input symbols mod E: a fixed split that ignores the domain)."""
+    batch: int | None = None
+    """Samples per step (None: the settings' batch)."""
+
+
+@dataclass
+class TrainSettings:
+    """The model and optimiser settings shared by every arm (a subset of ``ConflictConfig``)."""
+
+    hidden: int = 64
+    intermediate: int = 128
+    layers: int = 2
+    heads: int = 4
+    batch: int = 64
+    lr: float = 1e-2
+    warmup_frac: float = 0.05
+    alpha_over_rank: float = 2.0
+    dropout: float = 0.0
+    attn_lora: bool = False
+    balance_loss: str = "mole"
+    balance_coef: float = 0.01
+    top_k: int = 1
+
+
+def build_base(task: ConflictTask, s: TrainSettings, seed: int) -> torch.nn.Module:
+    """Step 1: the frozen random base of a seed (init scale 1/sqrt(hidden), so the frozen LM head can give
+    the answer a clear margin once the adapter points the last hidden state at it)."""
+    return build_tiny_llama(seed=seed, vocab_size=task.vocab_size, hidden_size=s.hidden,
+                            intermediate_size=s.intermediate, num_layers=s.layers, num_heads=s.heads,
+                            num_kv_heads=max(1, s.heads // 2), initializer_range=1.0 / math.sqrt(s.hidden),
+                            max_position_embeddings=16)
+
+
+def fixed_expert_ids(run: ArmRun, task: ConflictTask, d_B: torch.Tensor, x_BS: torch.Tensor) -> torch.Tensor | None:
+    """The per-sample expert ids of a fixed-routing arm (None for a learned router)."""
+    if run.route_by == "domain":
+        return d_B % run.experts
+    if run.route_by == "input_hash":
+        return x_BS.sum(1) % run.experts
+    return None
+
+
+def _forward_answer(model, task: ConflictTask, run: ArmRun, d_B, x_BS, ids_BL) -> torch.Tensor:
+    ids = fixed_expert_ids(run, task, d_B, x_BS)
+    if ids is not None:
+        mole_ds.set_sample_domains(model, ids)
+    return model(input_ids=ids_BL).logits[:, -1].float()  # logits at SEP: the answer's
+
+
+def train_arm(task: ConflictTask, run: ArmRun, s: TrainSettings, seed: int) -> dict:
+    """Steps 1-4 for one run; returns a JSON-ready record (see module docstring)."""
+    if run.route_by not in ROUTE_BY:
+        raise ValueError(f"route_by ({run.route_by!r}) must be one of {', '.join(ROUTE_BY)}")
+    t0 = time.perf_counter()
+    model = build_base(task, s, seed)
+    torch.manual_seed(10_000 + seed)  # adapter init: the same per seed for every arm of that shape
+    cfg = mole_ds.MoLEConfig(num_experts=run.experts, top_k=min(s.top_k, run.experts), rank=run.rank,
+                             alpha=s.alpha_over_rank * run.rank, dropout=s.dropout, routing=run.routing,
+                             balance_loss=s.balance_loss, balance_coef=s.balance_coef, attn_lora=s.attn_lora,
+                             backend="torch")
+    report = mole_ds.patch_model(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
+    warm = max(1, int(s.warmup_frac * run.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) * (
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, i / max(1, run.steps))))))
+    gen = torch.Generator().manual_seed(20_000 + seed)
+    use_aux = run.experts > 1 and run.route_by == "router" and s.balance_loss != "none"
+    model.train()
+    losses = []
+    for _ in range(run.steps):
+        d_B, x_BS = task.sample(gen, run.batch or s.batch, run.train_domains)
+        ids_BL, ans_B = task.encode(d_B, x_BS)
+        loss = F.cross_entropy(_forward_answer(model, task, run, d_B, x_BS, ids_BL), ans_B)
+        total = loss + mole_ds.aux_loss(model) if use_aux else loss
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    train_s = time.perf_counter() - t0
+    rec = {"arm": run.arm, "seed": seed, "train_domains": list(run.train_domains), "steps": run.steps,
+           "batch": run.batch or s.batch,
+           "experts": run.experts, "rank": run.rank, "routing": run.routing, "route_by": run.route_by,
+           "trainable_params": report.trainable_params, "train_s": round(train_s, 3),
+           "first_train_loss": _mean(losses[:10]), "last_train_loss": _mean(losses[-10:]),
+           **evaluate(model, task, run)}
+    rec["wall_s"] = round(time.perf_counter() - t0, 3)
+    return rec
+
+
+def _mean(v: list[float]) -> float | None:
+    return sum(v) / len(v) if v else None
+
+
+@torch.no_grad()
+def evaluate(model, task: ConflictTask, run: ArmRun) -> dict:
+    """Step 4: per trained domain, exact match and answer loss on its held-out inputs; routing counts
+    ``[layer][domain][expert]`` over all prompt tokens and over the SEP token alone (MoLE arms only; domains
+    in ``run.train_domains`` order)."""
+    model.eval()
+    em, loss, all_LDE, sep_LDE = {}, {}, [], []
+    for d in run.train_domains:
+        x_MS, ids_ML, ans_M = task.eval_set(d)
+        d_M = torch.full((x_MS.shape[0],), d, dtype=torch.long)
+        logits = _forward_answer(model, task, run, d_M, x_MS, ids_ML)
+        em[str(d)] = float((logits.argmax(-1) == ans_M).float().mean())
+        loss[str(d)] = float(F.cross_entropy(logits, ans_M))
+        if run.experts > 1:
+            # A causal model routes position t the same in any prompt prefix longer than t, so the SEP
+            # token's counts are (counts over the prompt) - (counts over the prompt without SEP).
+            full_LE = mole_ds.routing_counts_by_sample(model).sum(1)
+            _forward_answer(model, task, run, d_M, x_MS, ids_ML[:, :-1])
+            prefix_LE = mole_ds.routing_counts_by_sample(model).sum(1)
+            all_LDE.append(full_LE)
+            sep_LDE.append(full_LE - prefix_LE)
+    out = {"em": em, "loss": loss, "eval_size": int(task.eval_inputs_MS.shape[0])}
+    if all_LDE:
+        names = [f"d{d}" for d in run.train_domains]
+        # Counts are sums of one-hot choices: integers held exactly in fp32 at these sizes.
+        for key, per_domain in (("routing_all", all_LDE), ("routing_sep", sep_LDE)):
+            out[key] = RoutingTable(names, torch.stack(per_domain, 1).round().long().tolist()).to_dict()
+    return out
