@@ -18,6 +18,8 @@ from .config import MoLEConfig
 from .patching import PatchReport, patch_model
 
 FORMAT = "mole_ds.consolidated.v1"
+CONSOLIDATED_NAME = "mole.safetensors"
+"""The consolidated file's name, in every checkpoint tag and in every ``tools/export.py`` output."""
 
 
 def _gathered(p: nn.Parameter):
