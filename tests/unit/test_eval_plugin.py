@@ -183,3 +183,12 @@ def test_model_args_errors(tmp_path, cli_run):
         MoLELlava(mole=str(tmp_path / "none"), pretrained=str(base))
     with pytest.raises(ValueError, match=r"batch_size \('auto'\) and max_new_tokens \(256\) must be integers"):
         MoLELlava(mole=str(export), batch_size="auto")
+
+
+def test_tasks_dir_command(capsys):
+    from mole_ds.eval.__main__ import main
+
+    assert main(["tasks-dir"]) == 0
+    assert Path(capsys.readouterr().out.strip()) == TASKS_DIR
+    assert (TASKS_DIR / "mole_local" / "mole_local.yaml").is_file()
+    assert main([]) == 2
