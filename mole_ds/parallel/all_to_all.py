@@ -1,6 +1,7 @@
 """Autograd all-to-all with uneven splits (dropless: any number of rows to any rank), with byte accounting."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +41,7 @@ class _AllToAll(torch.autograd.Function):
         out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
         dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
         if stats is not None:
-            row = x[0].numel() * x.element_size() if x.dim() > 1 else x.element_size()
+            row = math.prod(x.shape[1:]) * x.element_size()
             stats.fwd_calls += 1
             stats.fwd_rows += _remote(in_splits, me)
             stats.fwd_bytes += _remote(in_splits, me) * row
@@ -53,7 +54,7 @@ class _AllToAll(torch.autograd.Function):
         grad_in = grad.new_empty((sum(in_splits),) + tuple(grad.shape[1:]))
         dist.all_to_all_single(grad_in, grad.contiguous(), in_splits, out_splits, group=ctx.group)
         if ctx.stats is not None:
-            row = grad[0].numel() * grad.element_size() if grad.dim() > 1 else grad.element_size()
+            row = math.prod(grad.shape[1:]) * grad.element_size()
             ctx.stats.bwd_calls += 1
             ctx.stats.bwd_bytes += _remote(out_splits, ctx.me) * row
         return grad_in, None, None, None, None, None

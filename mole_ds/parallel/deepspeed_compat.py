@@ -112,3 +112,75 @@ def local_numel(p: torch.Tensor) -> int:
 def full_numel(p: torch.Tensor) -> int:
     """Elements of the whole tensor (ZeRO-3 partitioned tensors report it in ds_numel)."""
     return int(getattr(p, "ds_numel", p.numel()))
+
+
+def optimizer_state_bytes(engine, is_expert) -> tuple[int, int]:
+    """(expert, other) bytes of optimizer state held on this rank: Adam moments plus ZeRO's fp32 partition of
+    the weights. ``is_expert(param)`` classifies parameters; ZeRO keeps one flat fp32 partition per
+    (sub)group, so expert tensors must be in groups of their own (``param_groups`` does that)."""
+    opt = engine.optimizer
+    base = getattr(opt, "optimizer", opt)
+    if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        pairs = zip(opt.fp16_groups, opt.fp32_partitioned_groups_flat)
+    elif hasattr(opt, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+        pairs = zip(opt.bit16_groups, opt.single_partition_of_fp32_groups)
+    else:  # no ZeRO: the torch optimizer holds the parameters themselves
+        pairs = ((g["params"], None) for g in base.param_groups)
+    expert = other = 0
+    for params, flat in pairs:
+        kinds = {bool(is_expert(p)) for p in params}
+        if len(kinds) > 1:
+            raise ValueError("an optimizer group mixes expert and other tensors; cannot split its state")
+        keys = [flat] if flat is not None else list(params)
+        n = 0
+        for k in keys:
+            if flat is not None:
+                n += k.numel() * k.element_size()  # the fp32 weight partition
+            for v in base.state.get(k, {}).values():
+                if torch.is_tensor(v) and v.dim() > 0:
+                    n += v.numel() * v.element_size()
+        if kinds == {True}:
+            expert += n
+        else:
+            other += n
+    return expert, other
+
+
+class ZeroCommMeter:
+    """Bytes of every collective DeepSpeed issues through ``deepspeed.comm`` (ZeRO's gathers, reduce-scatters,
+    all-reduces) while active, per operation, from DeepSpeed's own comms logger.
+
+    Sizes are the logger's message sizes (the full tensor of the call: for an all-gather the gathered output),
+    not the bytes on the wire, which are (n-1)/n of that for n ranks. The logger synchronises every op, so
+    measure in a step that is not timed::
+
+        with ZeroCommMeter() as meter:
+            ...one training step...
+        meter.bytes_by_op   # {"all_gather_into_tensor": ..., "reduce_scatter_tensor": ...}
+    """
+
+    def __init__(self) -> None:
+        self.bytes_by_op: dict[str, int] = {}
+        self.calls_by_op: dict[str, int] = {}
+
+    def __enter__(self) -> "ZeroCommMeter":
+        from deepspeed.comm import comm
+
+        self._logger = comm.comms_logger
+        self._saved = (self._logger.enabled, self._logger.prof_all, self._logger.verbose)
+        self._logger.reset_data() if hasattr(self._logger, "reset_data") else self._logger.comms_dict.clear()
+        self._logger.enabled, self._logger.prof_all, self._logger.verbose = True, True, False
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, sizes in self._logger.comms_dict.items():
+            op = name.split("|")[0].strip()
+            for size, rec in sizes.items():
+                self.bytes_by_op[op] = self.bytes_by_op.get(op, 0) + int(size) * int(rec[0])
+                self.calls_by_op[op] = self.calls_by_op.get(op, 0) + int(rec[0])
+        self._logger.comms_dict.clear()
+        self._logger.enabled, self._logger.prof_all, self._logger.verbose = self._saved
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes_by_op.values())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,16 +111,22 @@ class TrainSetup:
 
 
 def param_groups(model: torch.nn.Module, stage: int, ep_size: int, weight_decay: float) -> list[dict]:
-    """Trainable params; ZeRO-1/2 with expert parallelism needs expert tensors in their own 'moe' groups."""
-    decay, no_decay = [], []
+    """Trainable params in optimizer groups: LoRA experts in a group of their own ('experts', so that their
+    optimizer state can be measured apart), the rest split by weight decay. ZeRO-1/2 with expert parallelism
+    turns the expert group into DeepSpeed 'moe' groups (reduced over the expert-data-parallel group)."""
+    decay, no_decay, experts = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if (p.ndim < 2 or name.endswith(".bias")) else decay).append(p)
+        if ".experts." in name:
+            experts.append(p)
+        else:
+            (no_decay if (p.ndim < 2 or name.endswith(".bias")) else decay).append(p)
     groups = [g for g in ({"params": decay, "weight_decay": weight_decay, "name": "decay"},
-                          {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}) if g["params"]]
+                          {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+                          {"params": experts, "weight_decay": weight_decay, "name": "experts"}) if g["params"]]
     if stage in (1, 2) and ep_size > 1:
-        groups = split_moe_param_groups(groups)
+        groups = [g for g in split_moe_param_groups(groups) if g["params"]]
     return groups
 
 
@@ -130,14 +137,36 @@ def strip_ds_config(ds: dict) -> tuple[dict, dict]:
     return ds, ours
 
 
+def resolve_auto_ep_size(cfg: RunConfig, ds: dict, model) -> int:
+    """``mole.ep_size: auto``: measure the all-to-all on this process group, predict every placement's expert
+    traffic with the cost model, print the table on rank 0 and return the cheapest (the same on every rank)."""
+    from ..parallel import cost_model as cm
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world == 1:
+        return 1
+    link = cm.calibrate()
+    w = cm.workload_from(cm.model_dims(model), cfg.mole, ds, world, seq_len=cfg.data.max_length)
+    chosen, costs = cm.choose_ep_size(w, link)
+    if dist.get_rank() == 0:
+        print("[mole_ds] mole.ep_size auto (tokens per rank from data.max_length):\n"
+              + cm.format_table(w, costs, chosen, link), flush=True)
+    return chosen
+
+
 def setup_training(cfg: RunConfig, ds: dict, total_steps: int | None = None,
                    base_dir: str | Path | None = None, prepare_model=None) -> TrainSetup:
-    """Groups, model, MoLE patch (this rank's experts only), optimizer, schedule, ``deepspeed.initialize``."""
+    """Model, ``mole.ep_size: auto`` resolved (in ``cfg``), groups, MoLE patch (this rank's experts only),
+    optimizer, schedule, ``deepspeed.initialize``."""
     import deepspeed
 
     check_deepspeed_version()
-    ep = create_expert_groups(cfg.mole.ep_size) if cfg.mole.ep_size > 1 else None
     model, processor = build_model(cfg.model, ds, seed=cfg.train.seed)
+    if cfg.mole.ep_size == "auto" and not cfg.model.train_base:
+        cfg.mole = dataclasses.replace(cfg.mole, ep_size=resolve_auto_ep_size(cfg, ds, model))
+    elif cfg.mole.ep_size == "auto":
+        cfg.mole = dataclasses.replace(cfg.mole, ep_size=1)
+    ep = create_expert_groups(cfg.mole.ep_size) if cfg.mole.ep_size > 1 else None
     if base_dir is not None and cfg.model.path is None and (not dist.is_initialized() or dist.get_rank() == 0):
         # The embedded base is built from a seed; keep it beside the run so exports can be loaded onto it.
         model.save_pretrained(base_dir)

@@ -22,22 +22,12 @@ from pathlib import Path
 import torch
 
 
-def _opt_state_bytes(engine) -> int:
-    opt = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    total = 0
-    for st in getattr(opt, "state", {}).values():
-        for v in st.values():
-            if torch.is_tensor(v):
-                total += v.numel() * v.element_size()
-    return total
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--local_rank", type=int, default=0)
     ap.add_argument("--out", required=True)
     ap.add_argument("--experts", type=int, default=4)
-    ap.add_argument("--ep", type=int, default=1)
+    ap.add_argument("--ep", default="1", help="expert-parallel degree, or 'auto' (the cost model decides)")
     ap.add_argument("--stage", type=int, default=3)
     ap.add_argument("--top-k", type=int, default=1)
     ap.add_argument("--rank", type=int, default=8)
@@ -49,6 +39,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--routing", default="sparse")
+    ap.add_argument("--persistence", type=int, default=-1,
+                    help="ZeRO-3 stage3_param_persistence_threshold (-1: DeepSpeed's default)")
     args = ap.parse_args(argv)
 
     import deepspeed
@@ -56,7 +48,9 @@ def main(argv=None) -> int:
 
     from mole_ds.config import MoLEConfig
     from mole_ds.mole.collect import aux_loss, routing_counts
-    from mole_ds.parallel import all_to_all_bytes
+    from mole_ds.parallel import comm_stats
+    from mole_ds.parallel import cost_model as cm
+    from mole_ds.parallel.deepspeed_compat import ZeroCommMeter, optimizer_state_bytes
     from mole_ds.train.config import ModelSection, RunConfig, TrainSection
     from mole_ds.train.engine import expert_bytes, setup_training
 
@@ -65,42 +59,57 @@ def main(argv=None) -> int:
 
     release_own_shm_buffer()
     rank, world = dist.get_rank(), dist.get_world_size()
+    ep = args.ep if args.ep == "auto" else int(args.ep)
     cfg = RunConfig(model=ModelSection(tiny_layers=args.layers, tiny_hidden=args.hidden),
                     mole=MoLEConfig(num_experts=args.experts, top_k=args.top_k, rank=args.rank, alpha=2.0 * args.rank,
-                                    dropout=0.0, routing=args.routing, ep_size=args.ep, backend=args.backend),
+                                    dropout=0.0, routing=args.routing, ep_size=ep, backend=args.backend),
                     train=TrainSection(lr=1e-3, warmup_steps=0, max_steps=args.steps + args.warmup))
+    cfg.data.max_length = args.seq
     zero = {"stage": args.stage}
-    if args.stage == 3:
-        zero.update({"stage3_param_persistence_threshold": 0, "stage3_model_persistence_threshold": 0})
+    if args.stage == 3 and args.persistence >= 0:
+        zero["stage3_param_persistence_threshold"] = args.persistence
     ds = {"train_micro_batch_size_per_gpu": args.micro_batch, "gradient_accumulation_steps": 1,
           "zero_optimization": zero, "bf16": {"enabled": False}, "steps_per_print": 10**9}
-    setup = setup_training(cfg, ds)
+    link = cm.calibrate()  # before training, on a quiet group: what the cost model predicts from
+    setup = setup_training(cfg, ds)  # resolves ep 'auto' into cfg.mole.ep_size
     engine, model = setup.engine, setup.engine.module
     vocab = model.config.text_config.vocab_size
     dev = engine.device
     g = torch.Generator().manual_seed(rank)
-    times, a2a = [], []
+    times, fwd_b, bwd_b, rows = [], [], [], []
     counts = None
-    for step in range(args.warmup + args.steps):
+
+    def step():
         ids = torch.randint(5, vocab, (args.micro_batch, args.seq), generator=g).to(dev)
-        t0 = time.perf_counter()
         out = engine(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
         engine.backward(out.loss + aux_loss(model))
         engine.step()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+
+    for i in range(args.warmup + args.steps):
+        comm_stats(model)
+        t0 = time.perf_counter()
+        step()
         dt = time.perf_counter() - t0
-        sent = sum(all_to_all_bytes(model).values())
+        st = comm_stats(model)
         c = routing_counts(model)
-        if step >= args.warmup:
+        if i >= args.warmup:
             times.append(dt)
-            a2a.append(sent)
+            fwd_b.append(st.fwd_bytes)
+            bwd_b.append(st.bwd_bytes)
+            rows.append(st.fwd_rows)
             counts = c if counts is None else counts + c
+    with ZeroCommMeter() as meter:  # one more, untimed step: the logger synchronises every collective
+        step()
+    ex_names = {id(p) for n, p in model.named_parameters() if ".experts." in n}
+    ex_opt, other_opt = optimizer_state_bytes(engine, lambda p: id(p) in ex_names)
     ex_b, other_b = expert_bytes(model)
     peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    local = torch.tensor([statistics.median(times), ex_b, other_b, _opt_state_bytes(engine), peak,
-                          statistics.mean(a2a)], dtype=torch.float64)
+    local = torch.tensor([statistics.median(times), ex_b, other_b, ex_opt + other_opt, peak,
+                          statistics.mean(fwd_b), statistics.mean(bwd_b), statistics.mean(rows), ex_opt,
+                          meter.total_bytes], dtype=torch.float64)
     gathered = [torch.zeros_like(local) for _ in range(world)]
     dist.all_gather(gathered, local)
     dist.all_reduce(counts)
@@ -109,15 +118,31 @@ def main(argv=None) -> int:
         tot = counts.sum(0).double()
         p = tot / tot.sum().clamp_min(1)
         step_s = float(per_rank[:, 0].max())  # the slowest rank sets the pace
+        layers = args.layers
+        a2a_rows = float(per_rank[:, 7].mean())
+        w = cm.workload_from(cm.model_dims(model), cfg.mole, ds, world, seq_len=args.seq)
         rec = {
-            "experts": args.experts, "ep_size": args.ep, "world_size": world, "zero_stage": args.stage,
-            "top_k": args.top_k, "lora_rank": args.rank, "hidden": args.hidden, "layers": args.layers,
-            "step_s": step_s, "tokens_per_s": world * args.micro_batch * args.seq / step_s,
+            "experts": args.experts, "num_experts": args.experts, "ep_size": cfg.mole.ep_size,
+            "ep_requested": args.ep, "world_size": world, "zero_stage": args.stage,
+            "top_k": args.top_k, "lora_rank": args.rank, "hidden": args.hidden, "hidden_size": args.hidden,
+            "layers": layers, "tokens_per_rank": args.micro_batch * args.seq,
+            "step_s": step_s, "step_s_median": step_s, "step_times_rank0": times,
+            "tokens_per_s": world * args.micro_batch * args.seq / step_s,
             "expert_param_bytes_per_rank": int(per_rank[:, 1].max()),
             "base_param_bytes_per_rank": int(per_rank[:, 2].max()),
             "optimizer_state_bytes_per_rank": int(per_rank[:, 3].max()),
+            "expert_optim_bytes_per_rank": int(per_rank[:, 8].max()),
             "peak_memory_bytes_per_rank": int(per_rank[:, 4].max()),
-            "all_to_all_bytes_per_step_per_rank": float(per_rank[:, 5].mean()),
+            "a2a_bytes_fwd": float(per_rank[:, 5].mean()), "a2a_bytes_bwd": float(per_rank[:, 6].mean()),
+            "all_to_all_bytes_per_step_per_rank": float((per_rank[:, 5] + per_rank[:, 6]).mean()),
+            # Every remote (token, expert) row crosses twice in forward (out, then its output back), once
+            # per layer: bytes / (rows / 2) is the forward cost of one remote row in one layer.
+            "a2a_fwd_bytes_per_remote_row_layer": (float(per_rank[:, 5].mean()) / (a2a_rows / 2)
+                                                   if a2a_rows else 0.0),
+            "zero_comm_msg_bytes_per_step": float(per_rank[:, 9].mean()),
+            "zero_comm_by_op_rank0": meter.bytes_by_op,
+            "link_alpha_s": link.alpha_s, "link_beta_Bps": link.beta_Bps,
+            "predicted_comm_s": {str(c.ep_size): c.comm_s for c in cm.choose_ep_size(w, link)[1]},
             "load_max_over_mean": float(tot.max() / tot.mean()) if tot.sum() > 0 else 0.0,
             "routing_entropy": float(-(p[p > 0] * p[p > 0].log()).sum()),
             "routing_entropy_max": math.log(args.experts),

@@ -46,11 +46,15 @@ def launch(nprocs: int, out: Path, *args: str, expect_ok: bool = True) -> subpro
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """All launches of this module, once (each DeepSpeed start costs seconds per rank)."""
-    root = tmp_path_factory.mktemp("ep")
+    # MOLE_TEST_REUSE=<dir> keeps the launches there and reuses finished ones (for iterating on the asserts).
+    reuse = os.environ.get("MOLE_TEST_REUSE")
+    root = Path(reuse) if reuse else tmp_path_factory.mktemp("ep")
     r = {}
 
     def go(name, n, *args):
         r[name] = root / name
+        if reuse and (r[name] / "final.safetensors").is_file():
+            return
         launch(n, r[name], *args)
 
     # Every run takes 4 optimizer steps on the same global batches.
@@ -62,6 +66,8 @@ def runs(tmp_path_factory):
     go("z3_w2_dp", 2, "--stage", "3", "--ep", "1")
     go("ref_forced", 1, "--stage", "0", "--ep", "1", "--routing", "sparse", "--force-expert", "3")
     go("z3_w2_ep2_forced", 2, "--stage", "3", "--ep", "2", "--routing", "sparse", "--force-expert", "3")
+    go("ref_top2", 1, "--stage", "0", "--ep", "1", "--top-k", "2")
+    go("z3_w2_ep2_top2", 2, "--stage", "3", "--ep", "2", "--top-k", "2")
     # Restart from step 2 of the two saving runs, in fresh processes.
     for stage, name in (("3", "z3_w2_ep2"), ("2", "z2_w2_ep2")):
         r[f"{name}_ckpt"] = r[name] / "checkpoints" / "step00000002"
@@ -81,14 +87,19 @@ def _assert_same_state(a: Path, b: Path, atol: float) -> None:
         torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=atol, msg=k)
 
 
-@pytest.mark.parametrize("name", ["z3_w4_ep2", "z3_w4_ep4", "z3_w2_ep2", "z2_w2_ep2", "z3_w2_dp"])
-def test_sharded_run_equals_single_process(runs, name):
-    ref, got = _losses(runs["ref"]), _losses(runs[name])
+@pytest.mark.parametrize("name,ref", [("z3_w4_ep2", "ref"), ("z3_w4_ep4", "ref"), ("z3_w2_ep2", "ref"),
+                                      ("z2_w2_ep2", "ref"), ("z3_w2_dp", "ref"), ("z3_w2_ep2_top2", "ref_top2")])
+def test_sharded_run_equals_single_process(runs, name, ref):
+    ref_d = runs[ref]
+    ref, got = _losses(ref_d), _losses(runs[name])
     assert len(got["losses"]) == 4
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=0, atol=1e-5)
-    _assert_same_state(runs["ref"], runs[name], atol=2e-5)
+    # 1e-4 is 1% of one Adam step at lr 1e-2: Adam divides by sqrt(v), so an element whose gradient is near zero
+    # turns summation-order noise (ranks add in another order) into a visible update difference (seen: one
+    # element of 1024 off by 5e-5); a wrong gradient scale or a lost token moves weights by ~1e-2.
+    _assert_same_state(ref_d, runs[name], atol=1e-4)
     # The weights did move (the comparison is not between two untouched initialisations).
-    init = load_file(str(runs["ref"] / "final.safetensors"))
+    init = load_file(str(ref_d / "final.safetensors"))
     assert max(float(v.abs().max()) for k, v in init.items() if k.endswith("_B")) > 1e-3
 
 
@@ -103,7 +114,7 @@ def test_all_tokens_forced_onto_one_expert(runs):
     counts = torch.tensor(got["counts"])
     assert counts[:, 3].sum() == counts.sum() > 0  # every token went to expert 3 (owned by ep rank 1)
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=0, atol=1e-5)
-    _assert_same_state(runs["ref_forced"], runs["z3_w2_ep2_forced"], atol=2e-5)
+    _assert_same_state(runs["ref_forced"], runs["z3_w2_ep2_forced"], atol=1e-4)
 
 
 @pytest.mark.parametrize("name,ep,world", [("z3_w4_ep2", 2, 4), ("z3_w4_ep4", 4, 4)])
@@ -158,3 +169,50 @@ def test_consolidated_export_reproduces_sharded_logits(runs):
         logits = base(**probe).logits
     sharded = torch.cat([torch.load(d / f"logits_rank{r}.pt", weights_only=True) for r in range(4)])
     torch.testing.assert_close(logits, sharded, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,world,ep,top_k", [("z3_w4_ep2", 4, 2, 1), ("z3_w2_ep2_top2", 2, 2, 2)])
+def test_expert_traffic_is_one_round_trip_of_hidden_rows(runs, name, world, ep, top_k):
+    """Per layer and step: one row all-to-all out and one back in forward, the same two in backward, one small
+    count exchange; bytes are exactly the remote (token, expert) rows times hidden (+1 column of delta weight
+    on the way out in weighted mode), fp32; a rank's rows to itself are not counted."""
+    comm = [json.loads((runs[name] / f"comm_rank{r}.json").read_text()) for r in range(world)]
+    E, L, D = 4, comm[0]["layers"], comm[0]["hidden"]
+    n_local = E // ep
+    for r, c in enumerate(comm):
+        assert (c["fwd_calls"], c["bwd_calls"], c["meta_calls"]) == (2 * L, 2 * L, L), r
+        counts = torch.tensor(c["counts"])  # (layers, E) rows this rank routed in the last step
+        mine = (r % ep) * n_local  # first expert owned by this rank's ep rank
+        group = [q for q in range(world) if q // ep == r // ep]  # this rank's expert-parallel group
+        sent = int(counts.sum() - counts[:, mine:mine + n_local].sum())
+        received = sum(int(torch.tensor(comm[q]["counts"])[:, mine:mine + n_local].sum()) for q in group if q != r)
+        assert c["fwd_rows"] == sent + received, r
+        assert c["fwd_bytes"] == 4 * (sent * (D + 1) + received * D), r
+        assert c["bwd_bytes"] == 4 * (sent * D + received * (D + 1)), r
+    assert sum(c["fwd_rows"] for c in comm) > 0
+    # Per remote row and layer, forward moves ~2 * hidden values (out and back): the minimum for token routing.
+    rows = sum(c["fwd_rows"] for c in comm) / 2
+    assert sum(c["fwd_bytes"] for c in comm) / rows <= 1.1 * 2 * D * 4
+
+
+def test_each_token_equals_base_plus_its_own_expert(runs):
+    """Under ZeRO-3 + ep 2 on 4 ranks, each token's MoLE output (layer 0) equals the frozen MLP + its expert's
+    LoRA computed by hand, one token at a time, from the consolidated weights in one process."""
+    from transformers import LlavaForConditionalGeneration
+
+    import mole_ds
+    from tests.unit.test_mole_reference import reference
+
+    d = runs["z3_w4_ep2"]
+    base = LlavaForConditionalGeneration.from_pretrained(d / "base_model").eval()
+    mole_ds.load_mole(d / "export.safetensors", base)
+    mlp = mole_ds.mole_layers(base)[0]
+    assert mlp.config.num_experts == 4 and float(mlp.experts.up_B.detach().abs().max()) > 1e-3
+    seen = set()
+    for r in range(4):
+        io = torch.load(d / f"mlp0_io_rank{r}.pt", weights_only=True)
+        x_TD, y_TD = io["x"].reshape(-1, io["x"].shape[-1]), io["y"].reshape(-1, io["y"].shape[-1])
+        with torch.no_grad():
+            torch.testing.assert_close(y_TD, reference(mlp, x_TD), rtol=1e-5, atol=1e-5)
+            seen.update(mlp.router(x_TD).argmax(-1).tolist())
+    assert len(seen) > 1  # tokens went to several experts (on both ep ranks)

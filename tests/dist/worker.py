@@ -16,7 +16,8 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from mole_ds import MoLEConfig, aux_loss, routing_counts
+from mole_ds import MoLEConfig, aux_loss, mole_layers, routing_counts
+from mole_ds.parallel import comm_stats
 from mole_ds.export import gather_trainable_state, save_consolidated
 from mole_ds.train.checkpoint import find_resume, load_checkpoint, save_training_checkpoint
 from mole_ds.train.shm import release_own_shm_buffer
@@ -46,6 +47,7 @@ def main() -> None:
     ap.add_argument("--ep", type=int, default=1)
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--routing", default="weighted")
+    ap.add_argument("--top-k", type=int, default=1)
     ap.add_argument("--force-expert", type=int, default=-1)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--save-at", type=int, default=0)
@@ -61,7 +63,7 @@ def main() -> None:
     mb = GLOBAL_BATCH // world
     cfg = RunConfig(
         model=ModelSection(tiny_layers=2, tiny_hidden=32),
-        mole=MoLEConfig(num_experts=args.experts, rank=4, alpha=8.0, dropout=0.0, routing=args.routing,
+        mole=MoLEConfig(num_experts=args.experts, top_k=args.top_k, rank=4, alpha=8.0, dropout=0.0, routing=args.routing,
                         ep_size=args.ep, balance_coef=0.01, z_loss_coef=0.001),
         train=TrainSection(lr=1e-2, warmup_steps=0, min_lr_ratio=1.0, max_steps=args.steps, seed=0))
     zero = {"stage": args.stage}
@@ -93,12 +95,18 @@ def main() -> None:
         start = int(client["step"])
 
     losses = []
+    comm = {}
     for step in range(start, args.steps):
         batch = make_batch(step, vocab, image_token, n_img)
         mine = {k: v[rank * mb:(rank + 1) * mb] for k, v in batch.items()}
+        comm_stats(model, reset=True)
         o = engine(**mine)
         loss = o.loss + aux_loss(model)
         engine.backward(loss)
+        # The expert all-to-all traffic of this step's forward + backward, and the routing that caused it.
+        st = comm_stats(model, reset=True)
+        comm = {**vars(st), "counts": routing_counts(model).tolist(), "layers": len(mole_layers(model)),
+                "hidden": int(model.config.text_config.hidden_size)}
         engine.step()
         t = loss.detach().clone()
         dist.all_reduce(t)
@@ -120,6 +128,7 @@ def main() -> None:
         elif not p.requires_grad:
             held["base"][name] = {"local_numel": n_local, "full_numel": n_full}
     (out / f"rank{rank}.json").write_text(json.dumps(held))
+    (out / f"comm_rank{rank}.json").write_text(json.dumps(comm))
 
     c = routing_counts(model).clone()  # last step's tokens per (layer, expert) on this rank
     dist.all_reduce(c)
@@ -131,8 +140,14 @@ def main() -> None:
         with torch.no_grad():
             probe = make_batch(999, vocab, image_token, n_img)
             mine = {k: v[rank * mb:(rank + 1) * mb] for k, v in probe.items() if k != "labels"}
+            # What the first MoLE layer saw and returned on this rank (the test recomputes it by hand).
+            io = {}
+            hook = mole_layers(model)[0].register_forward_hook(
+                lambda m, a, y: io.update(x=a[0].detach().cpu(), y=y.detach().cpu()))
             logits = engine(**mine).logits
+            hook.remove()
         torch.save(logits.detach().cpu(), out / f"logits_rank{rank}.pt")
+        torch.save(io, out / f"mlp0_io_rank{rank}.pt")
     if rank == 0:
         from safetensors.torch import save_file
 
