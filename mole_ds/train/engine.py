@@ -15,7 +15,7 @@ from ..parallel import EPContext, create_expert_groups, is_expert_param, patch_m
 from ..parallel.deepspeed_compat import check_deepspeed_version, moe_marker, split_moe_param_groups
 from ..patching import PatchReport
 from .config import RunConfig
-from .model_loading import build_model, ds_stage, model_dtype
+from .model_loading import build_model, ds_stage, model_dtype, resolve_precision
 
 def unfreeze_base(model: torch.nn.Module) -> PatchReport:
     """Full training of the LLM and projector (no MoLE); the vision tower stays frozen."""
@@ -104,6 +104,9 @@ def setup_training(cfg: RunConfig, ds: dict, total_steps: int | None = None,
     import deepspeed
 
     check_deepspeed_version()
+    ds, precision = resolve_precision(ds)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"[mole_ds] precision: {precision}", flush=True)
     model, processor = build_model(cfg.model, ds, seed=cfg.train.seed)
     if cfg.mole.ep_size == "auto" and not cfg.model.train_base:
         cfg.mole = dataclasses.replace(cfg.mole, ep_size=resolve_auto_ep_size(cfg, ds, model))

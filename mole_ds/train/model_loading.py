@@ -68,3 +68,26 @@ def build_model(section: ModelSection, ds: dict, seed: int = 0):
     return model, processor
 
 
+
+
+def bf16_supported() -> tuple[bool, str]:
+    """(supported, why): any CUDA GPU, or a CPU with native bf16 (AVX512-BF16 or AMX) that oneDNN uses."""
+    if torch.cuda.is_available():
+        return True, "CUDA"
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native = False
+    return native, ("CPU with native bf16" if native else "CPU without native bf16 (AVX512-BF16/AMX)")
+
+
+def resolve_precision(ds: dict) -> tuple[dict, str]:
+    """The DeepSpeed config with ``"bf16": {"enabled": "auto"}`` made concrete (bf16 where the hardware has it,
+    fp32 elsewhere), and a one-line reason to print. Explicit true/false are kept."""
+    bf = ds.get("bf16") or {}
+    if bf.get("enabled") != "auto":
+        return ds, f"bf16 {'on' if bf.get('enabled') else 'off'} (DeepSpeed config)"
+    ok, why = bf16_supported()
+    ds = copy.deepcopy(ds)
+    ds["bf16"] = {**bf, "enabled": ok}
+    return ds, f"bf16 auto -> {'bf16' if ok else 'fp32'} ({why})"
