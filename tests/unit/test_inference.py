@@ -18,7 +18,8 @@ COLORS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220)}
 
 
 def make_tiny_export(root: Path, *, num_experts: int = 3, routing: str = "sparse", hidden: int = 64,
-                     num_layers: int = 2, config_experts: int | None = None, seed: int = 0) -> tuple[Path, Path]:
+                     num_layers: int = 2, config_experts: int | None = None, seed: int = 0,
+                     extra: dict | None = None) -> tuple[Path, Path]:
     """(base dir, mole.safetensors): a tiny LLaVA saved with its embedded processor, patched with MoLE, every
     trainable tensor made non-zero, and exported. ``config_experts`` writes another expert count into the
     export's config (an inconsistent file)."""
@@ -47,7 +48,8 @@ def make_tiny_export(root: Path, *, num_experts: int = 3, routing: str = "sparse
     if config_experts is not None:
         cfg = MoLEConfig(**{**cfg.to_dict(), "num_experts": config_experts})
     path = save_consolidated(model, root / "export" / "mole.safetensors", cfg,
-                             extra={"base_model": str(base), "domains": ["general", "text"], "step": 3})
+                             extra={"base_model": str(base), "domains": ["general", "text"], "step": 3,
+                                    **(extra or {})})
     return base, path
 
 
@@ -98,6 +100,30 @@ def test_prompt_ids_are_the_training_ids(m):
     text = inference.generation_prompt(QUESTIONS[0], 1, "vicuna_v1", m.tokenizer)
     assert text == build_prompt([{"from": "human", "value": "<image>\n" + QUESTIONS[0]}], "vicuna_v1", m.tokenizer)
     assert text.endswith("USER: <image>\nWhat color is the shape? ASSISTANT:")
+
+
+TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: {{ m['content'] }}{% else %} ASSISTANT: "
+            "{{ m['content'] }}</s>{% endif %}{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}")
+
+
+def test_recorded_chat_format_is_used_and_template_prompts_are_the_training_ids(tmp_path):
+    """An export trained with chat_format 'template' prompts through the tokenizer's chat template, with the
+    ids of the training path; an explicit chat_format overrides the recorded one."""
+    _, path = make_tiny_export(tmp_path, extra={"chat_format": "template"})
+    tm = inference.load_for_inference(path)
+    assert tm.chat_format == "template"
+    assert inference.load_for_inference(path, chat_format="vicuna_v1").chat_format == "vicuna_v1"
+    tm.tokenizer.chat_template = TEMPLATE
+    enc = SampleEncoder(tm.processor, ["general"], max_length=512, chat_format="template")
+    buf = io.BytesIO()
+    IMAGES[0][0].save(buf, format="png")
+    conv = [inference.user_turn(QUESTIONS[0], 1), {"from": "gpt", "value": "Red"}]
+    s = enc(Record("x", "general", conv, buf.getvalue(), "png", "k", "u"))
+    first = next(i for i, lab in enumerate(s.labels) if lab != -100)
+    p = inference.encode_prompt(tm, QUESTIONS[0], IMAGES[0])
+    assert p.ids == s.input_ids[:first]
+    assert tm.tokenizer.decode(p.ids).endswith("USER: " + "<image>" * 16 + "\nWhat color is the shape? ASSISTANT:")
+    assert inference.generate(tm, QUESTIONS[:1], IMAGES[:1], max_new_tokens=2).texts[0]
 
 
 def test_batched_generation_equals_one_at_a_time(m):
