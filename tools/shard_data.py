@@ -65,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     for d, info in m["domains"].items():
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(info["skipped"].items()))
         print(f"  {d:<20} {info['samples']:>10} {info['shards']:>7} {sum(info['skipped'].values()):>8}  {reasons}")
+    dups = [w for w in m.get("warnings", []) if w["kind"] == "cross_domain_duplicate_id"]
+    if dups:
+        shown = "; ".join(f"{w['id']!r} in {' and '.join(w['domains'])}" for w in dups[:5])
+        print(f"WARNING: {len(dups)} sample id(s) used in more than one domain (kept in each; listed in the "
+              f"manifest's warnings), e.g. {shown}")
     return 0
 
 

@@ -20,12 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-from mole_ds.data.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER, encode_conversation
+from mole_ds.data.chat import special_affixes
+from mole_ds.data.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER, TokenizationMismatchError, encode_conversation
 from mole_ds.data.samples import Record, SkipSample, decode_image
 
-
-class TokenizationMismatchError(RuntimeError):
-    """Raised under mismatch_policy='error'."""
+__all__ = ["EncodedSample", "SampleEncoder", "TokenizationMismatchError", "collate", "image_expansion", "model_inputs"]
 
 
 @dataclass
@@ -48,19 +47,23 @@ def image_expansion(processor, pixel_values_CHW) -> str:
 class SampleEncoder:
     """Callable record -> EncodedSample; raises SkipSample with a counted reason.
 
-    Extra reasons: 'tokenization_mismatch', 'image_truncated' (max_length would cut the image tokens),
-    'no_supervised_tokens' (nothing left to learn from after truncation).
+    Templating and masking: :func:`mole_ds.data.conversation.encode_conversation` with ``chat_format``.
+    Extra reasons: 'tokenization_mismatch' (only for tokenizers without offsets, under mismatch_policy 'skip';
+    'error' raises TokenizationMismatchError), 'image_truncated' (max_length would cut the image tokens),
+    'no_supervised_tokens' (nothing left to learn from after truncation), 'unknown_domain'.
     """
 
-    def __init__(self, processor, domain_names: list[str], max_length: int, mismatch_policy: str = "skip",
-                 process_images: bool = True):
+    def __init__(self, processor, domain_names: list[str], max_length: int, mismatch_policy: str = "error",
+                 process_images: bool = True, chat_format: str = "vicuna_v1"):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.domain_ids = {d: i for i, d in enumerate(domain_names)}
         self.max_length = max_length
         self.mismatch_policy = mismatch_policy
         self.process_images = process_images
+        self.chat_format = chat_format
         self.image_token_id = getattr(processor, "image_token_id", None)
+        self.affixes = special_affixes(self.tokenizer)
         self.mismatches = 0
 
     def __call__(self, rec: Record) -> EncodedSample:
@@ -73,23 +76,31 @@ class SampleEncoder:
                 expansion = image_expansion(self.processor, pv)
             else:
                 expansion = IMAGE_PLACEHOLDER
-        enc = encode_conversation(rec.conversations, self.tokenizer, expansion)
-        if enc.mismatch:
+        try:
+            enc = encode_conversation(rec.conversations, self.tokenizer, expansion, self.chat_format,
+                                      affixes=self.affixes)
+        except TokenizationMismatchError as exc:
             self.mismatches += 1
-            msg = f"{rec.url}#{rec.key} (id {rec.id}): per-turn tokenization differs from the whole prompt"
+            msg = f"{rec.url}#{rec.key} (id {rec.id}): {exc}"
             if self.mismatch_policy == "error":
-                raise TokenizationMismatchError(msg)
-            if self.mismatch_policy == "skip":
-                raise SkipSample("tokenization_mismatch", msg)
+                raise TokenizationMismatchError(msg + " (mismatch_policy 'skip' counts and skips such samples)") from exc
+            raise SkipSample("tokenization_mismatch", msg) from exc
         ids, labels = enc.input_ids[: self.max_length], enc.labels[: self.max_length]
         if pv is not None and self.image_token_id is not None:
-            if enc.input_ids.count(self.image_token_id) != ids.count(self.image_token_id):
-                raise SkipSample("image_truncated", f"id {rec.id}: {len(enc.input_ids)} tokens > {self.max_length}")
+            n_img = enc.input_ids.count(self.image_token_id)
+            if n_img != ids.count(self.image_token_id):
+                raise SkipSample("image_truncated", f"id {rec.id}: needs {len(enc.input_ids)} tokens ({n_img} of them "
+                                 f"image tokens) > max_length {self.max_length}")
         if all(x == IGNORE_INDEX for x in labels):
-            raise SkipSample("no_supervised_tokens", f"id {rec.id}")
+            raise SkipSample("no_supervised_tokens", f"id {rec.id}: the prompt takes {self._prompt_len(enc)} tokens "
+                             f"of max_length {self.max_length} before the first reply")
         if rec.domain not in self.domain_ids:
             raise SkipSample("unknown_domain", f"id {rec.id}: domain {rec.domain!r}")
         return EncodedSample(ids, labels, pv, rec.domain, self.domain_ids[rec.domain], rec.id)
+
+    @staticmethod
+    def _prompt_len(enc) -> int:
+        return next((i for i, x in enumerate(enc.labels) if x != IGNORE_INDEX), len(enc.labels))
 
 
 def collate(samples: list[EncodedSample], pad_id: int) -> dict:

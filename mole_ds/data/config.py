@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-MISMATCH_POLICIES = ("skip", "error", "keep")
+from mole_ds.data.chat import CHAT_FORMATS
+
+MISMATCH_POLICIES = ("error", "skip")
 
 
 @dataclass
@@ -23,10 +25,19 @@ class DataConfig:
         {domain: weight} = weighted mixing with resampling (weights are normalised; domains not listed are unused).
     samples_per_epoch: samples per rank per epoch.  Mixing mode: default = all samples / world size.
         Exact mode: must stay None (derived from the shards so that every sample is seen).
-    mismatch_policy: on a tokenization mismatch 'skip' (count and drop), 'error' (raise), or 'keep' (count and
-        keep the segment-wise tokenization, whose labels are exact).
     process_images: run the image processor (False: images are only decoded, for benchmarking).
     domain_names: fixed order of domain names -> integer ids in batches (default: weights order, else sorted).
+    chat_format: prompt format of training (and of generation, see mole_ds.data.chat): 'vicuna_v1' (LLaVA-1.5)
+        or 'template' (the tokenizer's own chat_template).
+    mismatch_policy: what to do when a tokenizer cannot give exact labels (only tokenizers without an offset
+        mapping can fail, see mole_ds.data.conversation): 'error' stops the run, 'skip' counts the sample as
+        'tokenization_mismatch' and skips it.
+    storage_timeout_s: how long transient storage errors (connection refused/reset, timeouts, 5xx, throttling)
+        are retried, with capped exponential backoff, before the run stops with a StorageError naming the
+        object.  Permanent errors (credentials, 403, missing bucket/key/file) fail at once.
+    max_skip_fraction: skipped samples / samples read above which the run stops (DataStreamError naming the
+        counts); a warning is logged from half of it.  Checked per rank once 1000 samples were read and at the
+        end of each pass over a reader's shards.
     """
 
     urls: str | list[str]
@@ -38,9 +49,12 @@ class DataConfig:
     shuffle_buffer: int = 1000
     domain_weights: dict[str, float] | None = None
     samples_per_epoch: int | None = None
-    mismatch_policy: str = "skip"
     process_images: bool = True
     domain_names: list[str] | None = field(default=None)
+    chat_format: str = "vicuna_v1"
+    mismatch_policy: str = "error"
+    storage_timeout_s: float = 600.0
+    max_skip_fraction: float = 0.01
 
     def __post_init__(self) -> None:
         p = []
@@ -56,6 +70,12 @@ class DataConfig:
             p.append(f"shuffle_buffer ({self.shuffle_buffer}) must be >= 0")
         if self.mismatch_policy not in MISMATCH_POLICIES:
             p.append(f"mismatch_policy ({self.mismatch_policy!r}) must be one of {MISMATCH_POLICIES}")
+        if self.chat_format not in CHAT_FORMATS:
+            p.append(f"chat_format ({self.chat_format!r}) must be one of {CHAT_FORMATS}")
+        if not (isinstance(self.storage_timeout_s, (int, float)) and self.storage_timeout_s > 0):
+            p.append(f"storage_timeout_s ({self.storage_timeout_s!r}) must be a number > 0")
+        if not (isinstance(self.max_skip_fraction, (int, float)) and 0 <= self.max_skip_fraction <= 1):
+            p.append(f"max_skip_fraction ({self.max_skip_fraction!r}) must be a number in [0, 1]")
         if self.domain_weights is not None:
             if not self.domain_weights:
                 p.append("domain_weights ({}) must name at least one domain, or be None")

@@ -1,35 +1,55 @@
-"""The LLaVA-1.5 conversation template (vicuna_v1) and label masking.
+"""Conversation checks and exact label masking (the template itself lives in :mod:`mole_ds.data.chat`).
 
-Prompt layout (LLaVA's ``conv_vicuna_v1``: sep " ", sep2 "</s>")::
+Only the assistant replies and their end-of-turn marker are supervised; everything else gets label -100.
 
-    <s>{SYSTEM} USER: {q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>
+Algorithm of :func:`encode_conversation` (fast tokenizers, i.e. any tokenizer with an offset mapping):
+  1. Render the whole conversation once with :func:`mole_ds.data.chat.render_training`: the text (with
+     "<image>" already expanded to the processor's N image tokens) and the character spans [a, b) of the
+     supervised parts.
+  2. Tokenize that text once, without the tokenizer's own specials, with return_offsets_mapping; put the
+     tokenizer's leading specials (bos) in front unless the text starts with the bos (never doubled).  These ids
+     are exactly what generation and the HF processor produce for the same text.
+  3. A token is supervised iff its characters [s, e) overlap a span (s < b and e > a); a zero-width token
+     (a prepended "▁") iff it sits inside one (a <= s < b).  Leading specials are never supervised.
+     Every character of every reply is therefore covered by supervised tokens, and when no token merges
+     across a span boundary (the case for Llama, Llama-3 and chatml tokenizers with these templates) the
+     supervised tokens decode to exactly the replies with their end-of-turn marker.  Nothing is dropped.
 
-Only the assistant replies and their eos are supervised; everything else gets label -100.
-
-Algorithm of :func:`encode_conversation`:
-  1. Split the prompt into segments, each marked supervised or not: "{SYSTEM} USER: {q1} ASSISTANT:" (masked),
-     " {a1}</s>" (supervised), "USER: {q2} ASSISTANT:" (masked), ...  The "<image>" placeholder has already
-     been replaced by the processor's expansion (N image tokens), so image tokens are masked prompt tokens.
-  2. input_ids = tokenizer's leading special tokens (bos) + the concatenation of each segment tokenized alone;
-     labels copy the ids of supervised segments, -100 elsewhere.  Labels are therefore exact by construction.
-  3. Tokenize the whole prompt in one call (what generation and the HF processor do) and compare.  If the ids
-     differ (a merge across a segment boundary, an added token spanning one), the sample is a *tokenization
-     mismatch*: it is reported and counted, never turned into a silently all-masked sample (LLaVA's bug).
+Fallback for tokenizers without offsets (python "slow" tokenizers): tokenize the whole text and, for every
+span boundary b, the prefix text[:b].  If each prefix's ids are a prefix of the whole text's ids, boundary b
+falls exactly between token len(ids(text[:b])) - 1 and the next, and the labels are exact.  Otherwise a token
+merges across the boundary and :class:`TokenizationMismatchError` is raised (the encoder applies
+``mismatch_policy``: "error" stops, "skip" counts the sample as ``tokenization_mismatch``).
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
-SYSTEM_PROMPT = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+from mole_ds.data.chat import (
+    DEFAULT_EOS,
+    IMAGE_PLACEHOLDER,
+    SEP,
+    SYSTEM_PROMPT,
+    build_prompt,
+    leading_specials,
+    render_training,
+    special_affixes,
 )
+
 USER, ASSISTANT = "USER", "ASSISTANT"
-SEP, SEP2 = " ", "</s>"
-IMAGE_PLACEHOLDER = "<image>"
+SEP2 = DEFAULT_EOS
 ROLE_ALIASES = {"human": USER, "gpt": ASSISTANT}
 IGNORE_INDEX = -100
+
+__all__ = ["IGNORE_INDEX", "IMAGE_PLACEHOLDER", "SEP", "SYSTEM_PROMPT", "EncodedConversation",
+           "TokenizationMismatchError", "build_segments", "conversation_problem", "encode_conversation",
+           "render_prompt"]
+
+
+class TokenizationMismatchError(RuntimeError):
+    """A tokenizer without offsets merges tokens across a reply boundary: exact labels are impossible."""
 
 
 def conversation_problem(conversations, has_image: bool) -> str | None:
@@ -66,54 +86,97 @@ def conversation_problem(conversations, has_image: bool) -> str | None:
 
 
 def build_segments(conversations, image_expansion: str | None = None) -> list[tuple[str, bool]]:
-    """Template the conversation into (text, supervised) segments (step 1 above).
+    """vicuna_v1 as (text, supervised) segments with a "</s>" end-of-turn (kept for older callers).
 
-    image_expansion replaces the "<image>" placeholder (the processor's N-token string); None keeps it.
-    A trailing user turn without a reply is dropped (nothing to supervise after it).
+    Prefer :func:`mole_ds.data.chat.build_prompt` / :func:`~mole_ds.data.chat.render_training`.
+    A trailing user turn without a reply is dropped.
     """
-    segs: list[tuple[str, bool]] = []
-    prompt = SYSTEM_PROMPT + SEP
-    for turn in conversations:
-        role = ROLE_ALIASES[turn["from"]]
-        text = turn["value"]
-        if image_expansion is not None:
-            text = text.replace(IMAGE_PLACEHOLDER, image_expansion)
-        if role == USER:
-            prompt += f"{USER}: {text}{SEP}{ASSISTANT}:"
-        else:
-            segs.append((prompt, False))
-            segs.append((f" {text}{SEP2}", True))
-            prompt = ""
-    return segs
+    text, spans = render_training(conversations, "vicuna_v1", None, image_expansion=image_expansion)
+    segs, pos = [], 0
+    for a, b in spans:
+        segs += [(text[pos:a], False), (text[a:b], True)]
+        pos = b
+    return [(t, sup) for t, sup in segs if t]
 
 
-def render_prompt(conversations, image_expansion: str | None = None) -> str:
-    """The whole templated text (what a generation prompt / the HF processor would see)."""
-    return "".join(t for t, _ in build_segments(conversations, image_expansion))
+def render_prompt(conversations, image_expansion: str | None = None, tokenizer=None,
+                  chat_format: str = "vicuna_v1") -> str:
+    """The whole templated conversation (what the HF processor would see for it)."""
+    return build_prompt(conversations, chat_format, tokenizer, image_expansion=image_expansion,
+                        add_generation_prompt=False)
 
 
 @dataclass
 class EncodedConversation:
     """Token ids and labels of one conversation.
 
-    input_ids / labels: equal-length lists; labels are -100 except on assistant replies and their eos.
-    mismatch: the segment-wise ids differ from the whole-prompt tokenization (step 3).
+    input_ids / labels: equal-length lists; labels are -100 except on assistant replies and their end-of-turn.
+    method: "offsets" or "prefix" (the fallback for tokenizers without offsets).
     """
 
     input_ids: list[int]
     labels: list[int]
-    mismatch: bool
+    method: str
 
 
-def encode_conversation(conversations, tokenizer, image_expansion: str | None = None) -> EncodedConversation:
-    """Tokenize and mask a validated conversation (see the module docstring for the algorithm)."""
-    segs = build_segments(conversations, image_expansion)
-    prefix = tokenizer("", add_special_tokens=True)["input_ids"]  # [bos] for Llama-style tokenizers
-    ids, labels = list(prefix), [IGNORE_INDEX] * len(prefix)
-    texts = [t for t, _ in segs]
-    enc = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-    for (_, supervised), seg_ids in zip(segs, enc):
-        ids.extend(seg_ids)
-        labels.extend(seg_ids if supervised else [IGNORE_INDEX] * len(seg_ids))
-    whole = tokenizer("".join(texts), add_special_tokens=True)["input_ids"]
-    return EncodedConversation(ids, labels, mismatch=(whole != ids))
+def _overlap_labels(ids, offsets, spans) -> list[int]:
+    """Step 3: label each token by whether its character span meets a supervised span.
+
+    Spans are sorted and disjoint, so the first span ending after a token's start is the only candidate.
+    """
+    ends = [b for _, b in spans]
+    labels = []
+    for tid, (s, e) in zip(ids, offsets):
+        j = bisect.bisect_right(ends, s)  # first span with b > s
+        hit = j < len(spans) and (spans[j][0] < e if e > s else spans[j][0] <= s)
+        labels.append(tid if hit else IGNORE_INDEX)
+    return labels
+
+
+def _encode_offsets(text, spans, tokenizer, lead) -> EncodedConversation:
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    labels = _overlap_labels(ids, enc["offset_mapping"], spans)
+    return EncodedConversation(lead + ids, [IGNORE_INDEX] * len(lead) + labels, "offsets")
+
+
+def _encode_prefixes(text, spans, tokenizer, lead) -> EncodedConversation:
+    def tok(t):
+        return list(tokenizer(t, add_special_tokens=False)["input_ids"]) if t else []
+
+    ids = tok(text)
+    at = {}
+    for b in sorted({x for span in spans for x in span}):
+        pre = tok(text[:b])
+        if ids[: len(pre)] != pre:
+            raise TokenizationMismatchError(
+                f"tokenizer {type(tokenizer).__name__} has no offset mapping and merges tokens across the "
+                f"reply boundary at character {b} ({text[max(0, b - 20) : b]!r} | {text[b : b + 20]!r})")
+        at[b] = len(pre)
+    labels = [IGNORE_INDEX] * len(ids)
+    for a, b in spans:
+        labels[at[a] : at[b]] = ids[at[a] : at[b]]
+    return EncodedConversation(lead + ids, [IGNORE_INDEX] * len(lead) + labels, "prefix")
+
+
+def has_offsets(tokenizer) -> bool:
+    """Fast (Rust tokenizers) tokenizers give character offsets; python ones do not."""
+    return bool(getattr(tokenizer, "is_fast", False))
+
+
+def encode_conversation(conversations, tokenizer, image_expansion: str | None = None, chat_format: str = "vicuna_v1",
+                        *, method: str | None = None, affixes=None) -> EncodedConversation:
+    """Tokenize and mask a conversation exactly (see the module docstring for the algorithm).
+
+    method: None = "offsets" when the tokenizer has them, else "prefix"; forcing "prefix" is for tests.
+    affixes: cached :func:`~mole_ds.data.chat.special_affixes` of the tokenizer (computed when None).
+    Raises TokenizationMismatchError only on the "prefix" path.
+    """
+    text, spans = render_training(conversations, chat_format, tokenizer, image_expansion=image_expansion)
+    lead = leading_specials(text, tokenizer, affixes or special_affixes(tokenizer))
+    method = method or ("offsets" if has_offsets(tokenizer) else "prefix")
+    if method == "offsets":
+        return _encode_offsets(text, spans, tokenizer, lead)
+    if method == "prefix":
+        return _encode_prefixes(text, spans, tokenizer, lead)
+    raise ValueError(f"method ({method!r}) must be 'offsets', 'prefix' or None")

@@ -6,10 +6,14 @@ A manifest lives next to its shards.  Shard ``url`` entries are names relative t
 Format (json)::
 
     {"version": 1, "complete": true, "config": {...},
-     "shards":  [{"url": "general-000000.tar", "domain": "general", "index": 0, "samples": 100,
+     "shards":  [{"url": "general-000000.tar", "domain": "general", "index": 0, "samples": 100, "images": 90,
                   "bytes": 123456, "sha256": "...", "plan": "<sha256 of the sample ids>"}, ...],
      "domains": {"general": {"samples": 100, "shards": 1, "skipped": {"missing_image": 2}}},
-     "skipped": [{"domain": "general", "id": "x1", "reason": "missing_image", "detail": "..."}]}
+     "skipped": [{"domain": "general", "id": "x1", "reason": "missing_image", "detail": "..."}],
+     "warnings": [{"kind": "cross_domain_duplicate_id", "id": "x7", "domains": ["general", "medical"]}]}
+
+``images`` (samples with an image) is absent in manifests written before it existed; readers treat that as
+"may have images".
 """
 
 from __future__ import annotations
@@ -29,13 +33,14 @@ _SHARD_NAME = re.compile(r"^(?P<domain>.+)-(?P<index>\d{6})\.tar$")
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """One shard to read: its full URL, domain (None if unknown) and sample count (None if unknown)."""
+    """One shard to read: its full URL, domain, sample count and image-sample count (None = unknown)."""
 
     url: str
     domain: str | None = None
     samples: int | None = None
     sha256: str | None = None
     bytes: int | None = None
+    images: int | None = None
 
 
 def shard_name(domain: str, index: int) -> str:
@@ -49,14 +54,19 @@ def domain_from_name(url: str) -> str | None:
 
 def empty_manifest(config: dict | None = None) -> dict:
     return {"version": MANIFEST_VERSION, "complete": False, "config": config or {}, "shards": [], "domains": {},
-            "skipped": []}
+            "skipped": [], "warnings": []}
 
 
-def load_manifest(url: str) -> dict:
-    """Read and check a manifest; errors name the URL."""
+def load_manifest(url: str, policy: storage.RetryPolicy = storage.DEFAULT_RETRY) -> dict:
+    """Read and check a manifest; errors name the URL (a missing manifest is a permanent StorageError)."""
     try:
-        m = json.loads(storage.read_bytes(url))
-    except json.JSONDecodeError as exc:
+        raw = storage.read_bytes(url, policy)
+    except storage.StorageError as exc:
+        raise storage.StorageError(f"manifest {url} could not be read: {exc}", url=url,
+                                   permanent=exc.permanent) from exc
+    try:
+        m = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"manifest {url} is not valid json: {exc}") from exc
     if not isinstance(m, dict) or m.get("version") != MANIFEST_VERSION or not isinstance(m.get("shards"), list):
         raise ValueError(f"manifest {url}: expected a version-{MANIFEST_VERSION} manifest with a 'shards' list")
@@ -74,7 +84,8 @@ def manifest_url_for(output: str) -> str:
 def shards_of_manifest(manifest: dict, manifest_url: str) -> list[ShardInfo]:
     base = storage.dirname_url(manifest_url)
     return [
-        ShardInfo(storage.join_url(base, s["url"]), s.get("domain"), s.get("samples"), s.get("sha256"), s.get("bytes"))
+        ShardInfo(storage.join_url(base, s["url"]), s.get("domain"), s.get("samples"), s.get("sha256"), s.get("bytes"),
+                  s.get("images"))
         for s in sorted(manifest["shards"], key=lambda s: s["url"])
     ]
 
@@ -85,7 +96,7 @@ def _braceexpand(pattern: str) -> list[str]:
     return list(braceexpand.braceexpand(pattern))
 
 
-def expand_urls(urls: str | list[str]) -> list[ShardInfo]:
+def expand_urls(urls: str | list[str], policy: storage.RetryPolicy = storage.DEFAULT_RETRY) -> list[ShardInfo]:
     """Resolve shard sources into ShardInfo, in a stable order.
 
     Each item may be: a manifest (``*.json``: local, s3:// or http(s)://), a local folder or an s3:// prefix
@@ -98,16 +109,16 @@ def expand_urls(urls: str | list[str]) -> list[ShardInfo]:
     for item in items:
         for u in _braceexpand(item):
             if u.endswith(".json"):
-                out.extend(shards_of_manifest(load_manifest(u), u))
+                out.extend(shards_of_manifest(load_manifest(u, policy), u))
             elif storage.scheme_of(u) == "file" and os.path.isdir(storage.local_path(u)):
                 mp = os.path.join(storage.local_path(u), MANIFEST_NAME)
                 if os.path.exists(mp):
-                    out.extend(shards_of_manifest(load_manifest(mp), mp))
+                    out.extend(shards_of_manifest(load_manifest(mp, policy), mp))
                 else:
                     out.extend(ShardInfo(p, domain_from_name(p)) for p in sorted(glob.glob(os.path.join(storage.local_path(u), "*.tar"))))
             elif u.endswith("/"):
                 mu = u + MANIFEST_NAME
-                out.extend(shards_of_manifest(load_manifest(mu), mu))
+                out.extend(shards_of_manifest(load_manifest(mu, policy), mu))
             else:
                 out.append(ShardInfo(u, domain_from_name(u)))
     seen = set()

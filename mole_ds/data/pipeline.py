@@ -8,15 +8,21 @@ Algorithm of one slot's epoch (:meth:`StreamingDataset.iter_slot`):
      slots greedily by sample count (balanced, disjoint).  With fewer shards than slots, every slot reads all
      shards and keeps raw sample i iff i % n_slots == slot (disjoint again, at the cost of extra reads).
   2. A *raw stream* reads the slot's shards pass after pass (each pass re-shuffled; pass 0 is the epoch's data,
-     later passes only pad), through a seeded shuffle buffer flushed at the end of each pass.  Corrupt or short
-     shards are logged by URL, counted and skipped.
+     later passes only pad), through a seeded shuffle buffer flushed at the end of each pass.  A shard whose
+     bytes do not parse as a tar is logged by URL, counted (``corrupt_shard``) and the rest of it skipped; a
+     storage failure is not corruption: the reader retries/resumes it (mole_ds.data.storage) and, past
+     ``storage_timeout_s``, the StorageError ends the stream.
   3. Exact mode: samples come from one raw stream over all shards.  Mixing mode: one raw stream per domain, and
      a seeded chooser picks the domain of each next sample by weight.
   4. Each raw sample is parsed and encoded (image processor, template, masking); a bad one is counted by
-     reason and replaced by the next one from the same stream.
+     reason and replaced by the next one from the same stream.  A full pass over a stream's shards that gives
+     no usable sample ends the stream with DataStreamError (counts per reason, likely fix) instead of reading
+     the shards forever; at the end of each first pass the skip fraction is checked (max_skip_fraction).
   5. Samples are collated into batches; the slot yields exactly `batches_per_slot` batches per epoch, so all
      ranks take the same number of steps.  Each batch carries the slot's stream position after it ("_pos") and
      counter increments ("_stats"); the loader keeps the position of the last batch it handed out per worker.
+     An error ends the slot with one last item {"_error", "_error_kind", "_stats"} that the loader re-raises in
+     the main process (so the message and the counts of a DataLoader worker reach the trainer intact).
   6. Resume: a slot given a position fast-forwards its raw streams (reading, not decoding) and chooser to it.
 """
 
@@ -35,7 +41,10 @@ from mole_ds.data.collate import SampleEncoder, collate
 from mole_ds.data.config import DataConfig
 from mole_ds.data.manifest import ShardInfo
 from mole_ds.data.mixing import DomainChooser, assign_shards, seeded, shuffle_buffer
+from mole_ds.data.conversation import TokenizationMismatchError
 from mole_ds.data.samples import SkipSample, parse_sample
+from mole_ds.data.skips import DataStreamError, check_skip_fraction, describe
+from mole_ds.data.storage import RetryPolicy, StorageError
 from mole_ds.data.tario import CorruptShardError, iter_tar_samples
 
 log = logging.getLogger(__name__)
@@ -57,29 +66,40 @@ class RawStream:
     """Step 2: an endless stream of raw samples of one slot (and one domain in mixing mode)."""
 
     def __init__(self, shards: list[ShardInfo], split: tuple[int, int] | None, seed, epoch: int, tag: str,
-                 slot: int, buffer: int, shuffle: bool, stats: Counter):
+                 slot: int, buffer: int, shuffle: bool, stats: Counter, policy: RetryPolicy | None = None):
         self.shards, self.split, self.buffer, self.shuffle = shards, split, buffer, shuffle
         self.key = (seed, epoch, tag, slot)
+        self.tag = tag
         self.stats = stats
+        self.policy = policy or RetryPolicy()
         self.drawn = 0  # the resume position
         self._pass = 0
         self._it = self._passes()
 
     def _read_shard(self, info: ShardInfo) -> Iterator[dict]:
         n = 0
+        # Shard faults are counted on the first pass (later passes re-read the same shards), and in sample-split
+        # mode (every slot reads every shard) by the split's first slot only.
+        count = self._pass == 0 and (self.split is None or self.split[0] == 0)
         try:
-            with storage.open_url(info.url) as f:
+            with storage.open_url(info.url, self.policy) as f:
                 for raw in iter_tar_samples(f, info.url):
                     n += 1
                     yield raw
-        except (CorruptShardError, storage.StorageError, OSError) as exc:
-            if self._pass == 0:  # later passes re-read the same shards: count each problem once per epoch
+        except CorruptShardError as exc:  # the bytes themselves are bad; StorageError is not caught here
+            if count:
                 log.warning("skipping the rest of shard %s: %s", info.url, exc)
                 self.stats["corrupt_shard"] += 1
+                self._lost(info, n)
             return
-        if info.samples is not None and n != info.samples and self._pass == 0:
+        if info.samples is not None and n != info.samples and count:
             log.warning("shard %s ended after %d of %d samples", info.url, n, info.samples)
             self.stats["short_shard"] += 1
+            self._lost(info, n)
+
+    def _lost(self, info: ShardInfo, n: int) -> None:
+        if info.samples is not None and info.samples > n:
+            self.stats["samples_lost"] += info.samples - n
 
     def _one_pass(self, p: int) -> Iterator[dict]:
         self._pass = p
@@ -101,7 +121,9 @@ class RawStream:
                 got = True
                 yield p, raw
             if not got:
-                raise RuntimeError(f"no readable sample in {len(self.shards)} shard(s) of stream {self.key}")
+                split = f", keeping every {self.split[1]}th sample from {self.split[0]}" if self.split else ""
+                raise DataStreamError(f"no readable sample in the {len(self.shards)} shard(s) of stream {self.tag!r} "
+                                      f"(slot {self.key[3]}{split})\n  " + describe(self.stats))
             p += 1
 
     def next(self) -> tuple[int, dict]:
@@ -112,6 +134,22 @@ class RawStream:
     def skip(self, n: int) -> None:
         for _ in range(n):
             self.next()
+
+
+class _PassWatch:
+    """Step 4's guard for one raw stream: a pass seen from its start that gives no usable sample is an error."""
+
+    def __init__(self, resumed: bool):
+        self.pass_ = None if resumed else 0  # after a resume the current pass was not seen from its start
+        self.usable = 0
+
+    def new_sample(self, p: int) -> tuple[bool, bool]:
+        """Register a sample of pass p: (it starts a new pass, the previous pass was seen whole and gave nothing)."""
+        if p == self.pass_:
+            return False, False
+        empty = self.pass_ is not None and self.usable == 0
+        self.pass_, self.usable = p, 0
+        return True, empty
 
 
 class StreamingDataset(IterableDataset):
@@ -173,14 +211,24 @@ class StreamingDataset(IterableDataset):
     def _stream(self, slot: int, shards: list[ShardInfo], tag: str, stats: Counter) -> RawStream:
         mine, split = plan_slot(shards, slot, self.n_slots, self.cfg.seed, self.epoch, tag, self.cfg.shuffle_shards)
         return RawStream(mine, split, self.cfg.seed, self.epoch, tag, slot, self.cfg.shuffle_buffer,
-                         self.cfg.shuffle_shards, stats)
+                         self.cfg.shuffle_shards, stats, RetryPolicy(timeout_s=self.cfg.storage_timeout_s))
 
     def iter_slot(self, worker: int) -> Iterator[dict]:
-        """Steps 2-6 for (self.rank, worker)."""
-        slot = self.rank * self.W + worker
+        """Steps 2-6 for (self.rank, worker); an error becomes a final {"_error", ...} item (see step 5)."""
         stats: Counter = Counter()
+        reported: Counter = Counter()
+        try:
+            yield from self._slot_batches(worker, stats, reported)
+        except (DataStreamError, StorageError, TokenizationMismatchError) as exc:
+            kind = ("storage" if isinstance(exc, StorageError) else "stream" if isinstance(exc, DataStreamError)
+                    else "mismatch")
+            where = f"rank {self.rank}" + (f" worker {worker}" if self.W > 1 else "")
+            yield {"_error": f"{where}: {exc}", "_error_kind": kind, "_stats": dict(stats - reported)}
+
+    def _slot_batches(self, worker: int, stats: Counter, reported: Counter) -> Iterator[dict]:
+        slot = self.rank * self.W + worker
         enc = SampleEncoder(self.processor, self.domain_names, self.cfg.max_length, self.cfg.mismatch_policy,
-                            self.cfg.process_images)
+                            self.cfg.process_images, self.cfg.chat_format)
         if self.mixing:
             streams = {d: self._stream(slot, self._domain_shards(d), d, stats)
                        for d, w in self.cfg.domain_weights.items() if w > 0}
@@ -194,32 +242,53 @@ class StreamingDataset(IterableDataset):
             s.skip(pos.get("streams", {}).get(name, 0))
         if chooser is not None:
             chooser.skip(pos.get("chooser", 0))
+        watch = {name: _PassWatch(resumed=s.drawn > 0) for name, s in streams.items()}
+        examples: dict[str, str] = {}  # one detail per skip reason, for error messages
 
         pad_id = self.processor.tokenizer.pad_token_id
-        reported: Counter = Counter()
         while done < self.batches_per_slot:
             batch = []
             while len(batch) < self.cfg.batch_size:
-                stream = streams[chooser()] if chooser else streams["all"]
+                name = chooser() if chooser else "all"
+                stream = streams[name]
                 while True:
                     p, raw = stream.next()
+                    started, empty = watch[name].new_sample(p)
+                    if empty:
+                        raise DataStreamError(self._no_usable_message(stream, stats, examples))
+                    if started and p == 1:  # the first pass just ended: check the skip fraction
+                        warn = check_skip_fraction(stats, self.cfg.max_skip_fraction, f"rank {self.rank} slot {slot}",
+                                                   final=True, examples=examples)
+                        if warn:
+                            log.warning(warn)
+                    if p == 0:
+                        stats["samples_read"] += 1
                     try:
                         batch.append(enc(parse_sample(raw)))
-                        if p > 0 and not self.mixing:
-                            stats["repeated"] += 1  # padding samples from a later pass (exact mode)
-                        break
                     except SkipSample as exc:
                         if p == 0:  # count each bad sample once per epoch, not again when padding re-reads it
                             stats[exc.reason] += 1
+                            examples.setdefault(exc.reason, str(exc))
                             if stats[exc.reason] <= 3:
                                 log.warning("skipped sample: %s", exc)
+                        continue
+                    watch[name].usable += 1
+                    if p > 0 and not self.mixing:
+                        stats["repeated"] += 1  # padding samples from a later pass (exact mode)
+                    break
             out = collate(batch, pad_id)
             done += 1
             out["_pos"] = {"worker": worker, "batches": done, "streams": {n: s.drawn for n, s in streams.items()},
                            "chooser": chooser.draws if chooser else 0}
             out["_stats"] = dict(stats - reported)
-            reported = Counter(stats)
+            reported.clear()
+            reported.update(stats)
             yield out
+
+    def _no_usable_message(self, stream: RawStream, stats: Counter, examples: dict) -> str:
+        return (f"a full pass over the {len(stream.shards)} shard(s) of stream {stream.tag!r} gave no usable sample "
+                f"(max_length {self.cfg.max_length}, chat_format {self.cfg.chat_format!r}); stopping instead of "
+                "re-reading them forever\n  " + describe(stats, examples))
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()

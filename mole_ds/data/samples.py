@@ -1,7 +1,8 @@
 """Turning a raw tar sample ({"__key__", "json": bytes, "png": bytes, ...}) into a checked record.
 
-Read-time skip reasons: 'bad_json' (json member missing or not parseable), 'missing_key' (no id / domain /
-conversations), a conversation_problem() reason, 'bad_image' (image bytes that do not decode).
+Read-time skip reasons: 'bad_json' (json member missing or not parseable), 'not_an_object' (valid json that is
+not an object), 'missing_key' (no id / domain / conversations), a conversation_problem() reason, 'bad_image'
+(image bytes that do not decode).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def parse_sample(raw: dict) -> Record:
     except (ValueError, UnicodeDecodeError) as exc:
         raise SkipSample("bad_json", f"{where}: {exc}") from exc
     if not isinstance(meta, dict):
-        raise SkipSample("bad_json", f"{where}: json is not an object")
+        raise SkipSample("not_an_object", f"{where}: the json is a {type(meta).__name__}, not an object")
     missing = [k for k in ("id", "domain", "conversations") if k not in meta]
     if missing:
         raise SkipSample("missing_key", f"{where}: missing {missing}")

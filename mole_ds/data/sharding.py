@@ -3,7 +3,8 @@
 Algorithm of :func:`shard_dataset`:
   1. Load every domain's records; check each one (in ``workers`` processes): conversation shape, image path
      inside the image root, image present and decodable.  Then drop duplicate ids within a domain (first kept).
-     Every drop is recorded with its reason; ``strict`` turns any drop into an error.
+     Every drop is recorded with its reason; ``strict`` turns any drop into an error.  An id used in two
+     domains is kept in both but flagged (a warning naming the id and the domains, in the manifest).
   2. Optionally shuffle each domain with a seed derived from (shuffle_seed, domain) - deterministic.
   3. Plan shards per domain in order: a shard closes at ``max_samples`` samples or before ``max_bytes`` bytes
      (exact tar size).  Each planned shard gets a fingerprint (sha256 of its sample ids).
@@ -138,7 +139,18 @@ def _write_shard(shard: PlannedShard, output: str) -> dict:
     finally:
         os.unlink(tmp)
     return {"url": shard.name, "domain": shard.domain, "index": shard.index, "samples": len(shard.samples),
-            "bytes": nbytes, "sha256": h.hexdigest(), "plan": shard.fingerprint}
+            "images": sum("_ext" in s for s in shard.samples), "bytes": nbytes, "sha256": h.hexdigest(),
+            "plan": shard.fingerprint}
+
+
+def cross_domain_duplicates(kept: dict[str, list[dict]]) -> list[dict]:
+    """Ids used by more than one domain: [{"kind", "id", "domains": [...]}], in id order."""
+    where: dict[str, list[str]] = {}
+    for d, samples in kept.items():
+        for smp in samples:
+            where.setdefault(smp["id"], []).append(d)
+    return [{"kind": "cross_domain_duplicate_id", "id": i, "domains": ds}
+            for i, ds in sorted(where.items()) if len(ds) > 1]
 
 
 def check_domains(cfg: ShardConfig) -> tuple[dict[str, list[dict]], list[dict]]:
@@ -197,7 +209,7 @@ def plan_shards(kept: dict[str, list[dict]], max_samples: int, max_bytes: int) -
     return plan
 
 
-def _summary(manifest: dict, kept: dict[str, list[dict]], skipped: list[dict]) -> None:
+def _summary(manifest: dict, kept: dict[str, list[dict]], skipped: list[dict], warnings: list[dict]) -> None:
     domains = {}
     for d, samples in kept.items():
         reasons: dict[str, int] = {}
@@ -205,15 +217,25 @@ def _summary(manifest: dict, kept: dict[str, list[dict]], skipped: list[dict]) -
             if s["domain"] == d:
                 reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
         shards = [e for e in manifest["shards"] if e["domain"] == d]
+        dups = sum(d in w["domains"] for w in warnings if w["kind"] == "cross_domain_duplicate_id")
         domains[d] = {"samples": sum(e["samples"] for e in shards), "planned_samples": len(samples),
-                      "shards": len(shards), "bytes": sum(e["bytes"] for e in shards), "skipped": reasons}
+                      "shards": len(shards), "bytes": sum(e["bytes"] for e in shards), "skipped": reasons,
+                      "cross_domain_duplicate_ids": dups}
     manifest["domains"] = domains
     manifest["skipped"] = skipped
+    manifest["warnings"] = warnings
 
 
 def shard_dataset(cfg: ShardConfig) -> dict:
     """Run steps 1-5 and return the final manifest (also written to ``{output}/manifest.json``)."""
     kept, skipped = check_domains(cfg)
+    warnings = cross_domain_duplicates(kept)
+    for w in warnings[:10]:
+        log.warning("sample id %r is used in domains %s (kept in each; ids should be unique across domains)",
+                    w["id"], " and ".join(w["domains"]))
+    if len(warnings) > 10:
+        log.warning("... %d ids are used in more than one domain in all (listed in the manifest's warnings)",
+                    len(warnings))
     if cfg.strict and skipped:
         lines = [f"{s['domain']}[{s['index']}] {s['reason']}: {s['detail']}" for s in skipped[:20]]
         raise ShardingError(f"--strict: {len(skipped)} bad input record(s):\n  " + "\n  ".join(lines))
@@ -230,12 +252,12 @@ def shard_dataset(cfg: ShardConfig) -> dict:
     for p in plan:  # step 4
         e = old_by_name.get(p.name)
         if e and e.get("plan") == p.fingerprint and storage.size_of(storage.join_url(cfg.output, p.name)) == e["bytes"]:
-            manifest["shards"].append(e)
+            manifest["shards"].append({**e, "images": sum("_ext" in smp for smp in p.samples)})
         else:
             todo.append(p)
     if len(todo) < len(plan):
         log.info("resume: keeping %d complete shard(s), writing %d", len(plan) - len(todo), len(todo))
-    _summary(manifest, kept, skipped)
+    _summary(manifest, kept, skipped, warnings)
 
     bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc="write shards", unit="shard",
                disable=not cfg.progress)
@@ -244,18 +266,18 @@ def shard_dataset(cfg: ShardConfig) -> dict:
             futs = [pool.submit(_write_shard, p, cfg.output) for p in todo]
             for fut in as_completed(futs):
                 manifest["shards"].append(fut.result())
-                _summary(manifest, kept, skipped)
+                _summary(manifest, kept, skipped, warnings)
                 mf.save_manifest(murl, manifest)
                 bar.update(1)
     else:
         for p in todo:
             manifest["shards"].append(_write_shard(p, cfg.output))
-            _summary(manifest, kept, skipped)
+            _summary(manifest, kept, skipped, warnings)
             mf.save_manifest(murl, manifest)
             bar.update(1)
     bar.close()
     manifest["shards"].sort(key=lambda e: e["url"])
     manifest["complete"] = True
-    _summary(manifest, kept, skipped)
+    _summary(manifest, kept, skipped, warnings)
     mf.save_manifest(murl, manifest)
     return manifest

@@ -19,7 +19,7 @@ from mole_ds.data.tario import IMAGE_EXTS
 _DOMAIN_NAME = re.compile(r"^[A-Za-z0-9_.]+$")  # no '-': shard names are {domain}-{index:06d}.tar
 
 SKIP_REASONS = (
-    "missing_id", "duplicate_id", "malformed_conversation", "unknown_role", "bad_turn_order", "no_assistant_turn",
+    "not_an_object", "missing_id", "duplicate_id", "malformed_conversation", "unknown_role", "bad_turn_order", "no_assistant_turn",
     "placeholder_in_reply", "multiple_placeholders", "placeholder_without_image", "image_without_placeholder",
     "image_path_escapes_root", "missing_image", "unreadable_image",
 )
@@ -57,27 +57,45 @@ class DomainSource:
         return cls(name.strip(), data, root or None)
 
 
-def load_records(src: DomainSource) -> list[dict]:
-    """Load a domain's raw records in file order."""
+def load_records(src: DomainSource) -> list:
+    """Load a domain's raw records in file order.  Errors name the file (and the line of a .jsonl)."""
     path = src.data
+    if not os.path.exists(path):
+        raise ValueError(f"domain {src.name!r}: data file {path} does not exist")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise ValueError(f"domain {src.name!r}: data file {path} is empty (0 bytes)")
     if path.endswith(".json") and os.path.isfile(path):
-        with open(path) as f:
-            recs = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                recs = json.load(f)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"domain {src.name!r}: {path} is not valid JSON ({exc})") from exc
         if not isinstance(recs, list):
-            raise ValueError(f"{path}: expected a json list of samples")
+            raise ValueError(f"domain {src.name!r}: {path}: expected a JSON list of samples, got a "
+                             f"{type(recs).__name__}")
         return recs
     if path.endswith(".jsonl") and os.path.isfile(path):
-        with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+        recs = []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        recs.append(json.loads(line))
+                    except ValueError as exc:
+                        raise ValueError(f"domain {src.name!r}: {path} line {n} is not valid JSON ({exc})") from exc
+        return recs
     import datasets
 
-    if os.path.isdir(path):
-        ds = datasets.load_from_disk(path)
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
-    else:
-        fmt = "parquet" if path.endswith(".parquet") else "json"
-        ds = datasets.load_dataset(fmt, data_files=path, split="train")
+    try:
+        if os.path.isdir(path):
+            ds = datasets.load_from_disk(path)
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
+        else:
+            fmt = "parquet" if path.endswith(".parquet") else "json"
+            ds = datasets.load_dataset(fmt, data_files=path, split="train")
+    except Exception as exc:  # noqa: BLE001 - any loader failure: name the file
+        raise ValueError(f"domain {src.name!r}: {path} could not be loaded ({type(exc).__name__}: {exc})") from exc
     if "image" in ds.column_names and isinstance(ds.features["image"], datasets.Image):
         ds = ds.cast_column("image", datasets.Image(decode=False))  # keep the original encoded bytes
     return [dict(r) for r in ds]
@@ -114,8 +132,10 @@ def check_record(index: int, rec, domain: str, image_root: str | None, data_dir:
     Relative image paths resolve in image_root (or, without one, in data_dir, the data file's folder) and may
     not escape it; absolute paths are only accepted when no image_root is given.
     """
-    if not isinstance(rec, dict) or rec.get("id") in (None, ""):
-        return Checked(index, "missing_id", "record has no 'id'")
+    if not isinstance(rec, dict):
+        return Checked(index, "not_an_object", f"record {index} is a {type(rec).__name__}, not an object")
+    if rec.get("id") in (None, ""):
+        return Checked(index, "missing_id", f"record {index} has no 'id'")
     sid = str(rec["id"])
     img = rec.get("image")
     if isinstance(img, dict) and not img.get("bytes") and not img.get("path"):

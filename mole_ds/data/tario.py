@@ -96,9 +96,15 @@ def iter_tar_samples(stream, url: str) -> Iterator[dict]:
     """Yield {"__key__", "__url__", ext: bytes, ...} per sample from a streaming tar.
 
     Raises CorruptShardError (naming `url`) if the archive is damaged; samples before the damage are yielded.
+    A StorageError of the stream (the object could not be read) passes through unchanged: it says nothing
+    about the shard's bytes, so it must never be taken for corruption.
     """
+    from mole_ds.data.storage import StorageError
+
     try:
         tar = tarfile.open(fileobj=stream, mode="r|")
+    except StorageError:
+        raise
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise CorruptShardError(f"{url}: not a readable tar ({type(exc).__name__}: {exc})") from exc
     current: dict | None = None
@@ -117,7 +123,7 @@ def iter_tar_samples(stream, url: str) -> Iterator[dict]:
             if current is None:
                 current = {"__key__": key, "__url__": url}
             current[ext] = data
-    except CorruptShardError:
+    except (CorruptShardError, StorageError):
         raise
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise CorruptShardError(f"{url}: damaged tar after key {current and current['__key__']!r} "

@@ -10,6 +10,8 @@ from collections import Counter
 
 import pytest
 
+from mole_ds.data.skips import DataStreamError
+
 from datagen import make_domain
 from mole_ds.data import DataConfig, DomainSource, ShardConfig, build_loader, shard_dataset, verify
 from mole_ds.data.manifest import load_manifest, save_manifest
@@ -111,10 +113,14 @@ def test_read_time_faults_are_counted_and_others_continue(tmp_path, processor):
     m["shards"].append({"url": "general-000101.tar", "domain": "general", "samples": 6})
     save_manifest(os.path.join(out, "manifest.json"), m)
 
-    loader, batches = run_epoch(out, processor, 0, 1, batch_size=2, num_workers=1)
+    # 9 of 22 samples lost: far above the default data.max_skip_fraction (1%), which stops the stream by name.
+    with pytest.raises(DataStreamError, match=r"samples skipped .*max_skip_fraction") as err:
+        run_epoch(out, processor, 0, 1, batch_size=2, num_workers=1)
+    assert "bad_json 1" in str(err.value) and "corrupt_shard 1" in str(err.value)
+    loader, batches = run_epoch(out, processor, 0, 1, batch_size=2, num_workers=1, max_skip_fraction=1.0)
     st = loader.stats
     assert st["bad_json"] == 1 and st["missing_key"] == 1 and st["bad_image"] == 1
-    assert st["corrupt_shard"] == 1
+    assert st["corrupt_shard"] == 1 and 1 <= st["samples_lost"] <= 6  # of the 6 the manifest promised
     seen = set(ids_of(batches))
     assert {f"general-{i}" for i in range(12)} | {"c"} <= seen  # the good shards and the good sample survive
 
