@@ -3,6 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
+LMMS_EVAL_VERSION ?= 0.7.3
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
@@ -19,7 +20,9 @@ $(BIN)/.installed: setup.py
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and pinned: a loose requirement would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,eval]'
+	# lmms-eval without its dependency list (it would pull torchvision and a CUDA torch): docs/eval.md.
+	$(BIN)/python -m pip install -q --no-deps lmms-eval==$(LMMS_EVAL_VERSION)
 	touch $@
 
 install: $(BIN)/.installed

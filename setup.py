@@ -27,5 +27,12 @@ setup(
         "dev": ["pytest>=8", "peft>=0.15", "moto[server]>=5.0"],
         # CUDA only; see README for the --no-build-isolation install.
         "gpu": ["megablocks>=0.10", "grouped_gemm>=0.1.6"],
+        # What the lmms-eval command imports for a custom model on image tasks; lmms-eval itself is installed
+        # with --no-deps (its own dependency list would replace torch with a CUDA build): see docs/eval.md.
+        "eval": ["loguru", "sacrebleu", "evaluate", "pytz", "tenacity", "pytablewriter"],
     },
+    # The local lmms-eval task (YAML, data, images) ships inside the package.
+    package_data={"mole_ds.eval": ["tasks/*/*.yaml", "tasks/*/*.json", "tasks/*/*.py", "tasks/*/images/*"]},
+    include_package_data=True,
+    entry_points={"lmms_eval.models": ["mole_llava = mole_ds.eval.plugin:MANIFEST"]},
 )

@@ -20,6 +20,8 @@ from .patching import PatchReport, patch_model
 FORMAT = "mole_ds.consolidated.v1"
 CONSOLIDATED_NAME = "mole.safetensors"
 """The consolidated file's name, in every checkpoint tag and in every ``tools/export.py`` output."""
+CHECKPOINT_MARKER = "mole_meta.json"
+"""The file that marks a training checkpoint tag complete (written last; see mole_ds.train.checkpoint)."""
 
 
 def _gathered(p: nn.Parameter):

@@ -35,10 +35,8 @@ import torch
 from safetensors.torch import save_file
 
 from .config import MoLEConfig
-from .export import read_consolidated
-from .train.checkpoint import META as CHECKPOINT_META
-
-CONSOLIDATED_NAME = "mole.safetensors"
+from .export import CHECKPOINT_MARKER as CHECKPOINT_META
+from .export import CONSOLIDATED_NAME, read_consolidated
 
 _EXPERT_RE = re.compile(r"^(?P<lm>.*?)layers\.(?P<layer>\d+)\.mlp\.experts\.(?P<proj>gate|up|down)_(?P<ab>[AB])$")
 _ATTN_RE = re.compile(r"^(?P<lm>.*?)layers\.(?P<layer>\d+)\.self_attn\.(?P<proj>[qkvo]_proj)\.lora_(?P<ab>[AB])$")

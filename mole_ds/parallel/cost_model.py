@@ -130,6 +130,8 @@ def _spans_nodes(group_size: int, strided: bool, w: Workload) -> bool:
 
 
 def _time(calls: int, bytes_: float, link: Link, inter: bool) -> float:
+    if bytes_ <= 0:
+        return calls * link.alpha_s
     beta = link.beta_inter_Bps if (inter and link.beta_inter_Bps) else link.beta_Bps
     return calls * link.alpha_s + bytes_ / beta
 
@@ -213,6 +215,8 @@ def calibrate(group=None, small: int = 256, large: int = 4 << 20, reps: int = 5)
     import torch.distributed as dist
 
     n = dist.get_world_size(group)
+    if n == 1:  # nothing to measure, nothing is ever sent
+        return Link(alpha_s=0.0, beta_Bps=float("inf"), source="one rank: no communication")
     times = {}
     for size in (small, large):
         per = max(size // 4 // n, 1)

@@ -1,17 +1,25 @@
-"""DeepSpeed checkpoints with a completeness marker, resume discovery and a topology check.
+"""DeepSpeed checkpoints that are verified before they are trusted: resume discovery and a topology check.
 
-A checkpoint directory is ``<root>/<tag>/`` as DeepSpeed writes it, plus ``mole_meta.json`` written by rank 0
-after every rank has finished saving: a tag without it (a crash mid-save) is never resumed from.
+A checkpoint directory is ``<root>/<tag>/`` as DeepSpeed writes it, the ranks' RNG states, the consolidated
+``mole.safetensors``, and last ``mole_meta.json``, written atomically by rank 0 after every rank has finished
+every file. The marker records each file's size and SHA-256. A tag without the marker (a crash mid-save) is
+never resumed from; ``resume: auto`` verifies the newest marked tag (sizes and hashes) and falls back to the
+previous one, loudly, when a file is missing, truncated or altered; an explicitly named tag that fails the
+check is refused with the files named.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch.distributed as dist
 
-META = "mole_meta.json"
+from ..export import CHECKPOINT_MARKER as META
+from ..export import CONSOLIDATED_NAME as CONSOLIDATED
 
 
 def _barrier() -> None:
@@ -46,17 +54,27 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in st["cuda"]])
 
 
-def save_checkpoint(engine, root: str | Path, step: int, client_state: dict, meta: dict, keep: int = 0) -> Path:
+def save_checkpoint(engine, root: str | Path, step: int, client_state: dict, meta: dict, keep: int = 0,
+                    before_marker=None) -> Path:
     """Save through DeepSpeed (model, optimizer, scheduler, client state) and every rank's RNG state (dropout
-    must continue exactly), then mark the tag complete."""
+    must continue exactly); run ``before_marker(tag)`` on every rank (more files, e.g. the consolidated
+    weights); then mark the tag complete with its file manifest, and prune old tags (``keep``)."""
     root = Path(root)
     tag = f"step{step:08d}"
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
     (root / tag / "rng").mkdir(exist_ok=True)
     (root / tag / "rng" / f"rank{_rank()}.json").write_text(json.dumps(_rng_state()))
+    if before_marker is not None:
+        before_marker(root / tag)
     _barrier()
     if _rank() == 0:
-        (root / tag / META).write_text(json.dumps({**meta, "step": step, "tag": tag, "complete": True}, indent=1))
+        marker = {**meta, "step": step, "tag": tag, "complete": True, "files": file_manifest(root / tag)}
+        tmp = root / tag / (META + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(json.dumps(marker, indent=1))
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(root / tag / META)
         if keep > 0:
             for old in complete_checkpoints(root)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -64,25 +82,81 @@ def save_checkpoint(engine, root: str | Path, step: int, client_state: dict, met
     return root / tag
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_manifest(tag_dir: Path) -> dict[str, dict]:
+    """{relative path: {"bytes", "sha256"}} of every file under a checkpoint tag except the marker."""
+    out = {}
+    for p in sorted(tag_dir.rglob("*")):
+        if p.is_file() and p.name not in (META, META + ".tmp"):
+            out[p.relative_to(tag_dir).as_posix()] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    return out
+
+
+def verify_checkpoint(tag_dir: str | Path, hashes: bool = True) -> list[str]:
+    """Every problem of a checkpoint tag against its marker's manifest (missing marker, missing, truncated or
+    altered file), each naming the file and the values; [] when it can be trusted. Tags written before the
+    manifest existed are checked for the marker only."""
+    tag_dir = Path(tag_dir)
+    if not (tag_dir / META).is_file():
+        return [f"{tag_dir}: no {META} (the save did not finish)"]
+    try:
+        meta = json.loads((tag_dir / META).read_text())
+    except json.JSONDecodeError as exc:
+        return [f"{tag_dir / META}: not valid JSON ({exc})"]
+    problems = []
+    for rel, want in (meta.get("files") or {}).items():
+        p = tag_dir / rel
+        if not p.is_file():
+            problems.append(f"{p}: missing")
+        elif p.stat().st_size != want["bytes"]:
+            problems.append(f"{p}: {p.stat().st_size} bytes, the manifest says {want['bytes']} (truncated or altered)")
+        elif hashes and _sha256(p) != want["sha256"]:
+            problems.append(f"{p}: SHA-256 differs from the manifest's (altered or corrupt)")
+    return problems
+
+
+def _marked_step(p: Path) -> int:
+    try:
+        return int(json.loads((p / META).read_text()).get("step", -1))
+    except (json.JSONDecodeError, OSError, ValueError):
+        return -1
+
+
 def complete_checkpoints(root: str | Path) -> list[Path]:
-    """Complete checkpoint tags under root, oldest first."""
+    """Marked checkpoint tags under root, oldest first (marked = every rank finished; see verify_checkpoint)."""
     root = Path(root)
     if not root.is_dir():
         return []
     tags = [p for p in root.iterdir() if p.is_dir() and (p / META).is_file()]
-    return sorted(tags, key=lambda p: json.loads((p / META).read_text()).get("step", -1))
+    return sorted(tags, key=_marked_step)
 
 
 def find_resume(resume: str, root: str | Path) -> Path | None:
-    """'none' -> None; 'auto' -> newest complete tag under root (or None); else the given tag directory."""
+    """'none' -> None; 'auto' -> the newest marked tag under root that passes verify_checkpoint, falling back
+    to older ones with a warning per rejected tag (None if there is none); else the given tag, which must pass."""
     if resume == "none":
         return None
     if resume == "auto":
-        tags = complete_checkpoints(root)
-        return tags[-1] if tags else None
+        for tag in reversed(complete_checkpoints(root)):
+            problems = verify_checkpoint(tag)
+            if not problems:
+                return tag
+            print(f"[mole_ds] WARNING: not resuming from {tag}, it fails verification:\n  " + "\n  ".join(problems)
+                  + "\n  trying the previous checkpoint", file=sys.stderr, flush=True)
+        return None
     path = Path(resume)
     if not (path / META).is_file():
         raise ValueError(f"checkpoint.resume ({resume!r}) is not a complete mole_ds checkpoint (no {META})")
+    problems = verify_checkpoint(path)
+    if problems:
+        raise ValueError(f"checkpoint.resume ({resume!r}) fails verification:\n  " + "\n  ".join(problems))
     return path
 
 
@@ -98,21 +172,23 @@ def check_topology(meta: dict, ep_size: int, world_size: int, num_experts: int, 
     if problems:
         raise ValueError(
             f"checkpoint {where} was written with " + ", ".join(problems) + ": DeepSpeed's partitioned optimizer "
-            "state cannot be re-sharded. Resume with the original layout, or export it with tools/export.py and "
-            "start a new run from the consolidated weights (model.init_from=<file>.safetensors).")
+            "state is not re-sharded to another layout yet. Resume with the original layout; the trained weights "
+            f"are in {where / CONSOLIDATED} (tools/export.py turns them into an export or a PEFT adapter).")
 
 
-CONSOLIDATED = "mole.safetensors"
 
 
 def save_training_checkpoint(engine, root: str | Path, step: int, client_state: dict, meta: dict, mole_config,
                              ep_group=None, keep: int = 0, extra: dict | None = None) -> Path:
-    """DeepSpeed checkpoint + the consolidated ``mole.safetensors`` (all experts) inside the same tag."""
+    """DeepSpeed checkpoint + the consolidated ``mole.safetensors`` (all experts) inside the same tag, both
+    covered by the tag's marker and manifest."""
     from ..export import save_consolidated
 
-    tag = save_checkpoint(engine, root, step, client_state, meta, keep=keep)
-    save_consolidated(engine.module, tag / CONSOLIDATED, mole_config, ep_group, extra={"step": step, **(extra or {})})
-    return tag
+    def consolidated(tag: Path) -> None:
+        save_consolidated(engine.module, tag / CONSOLIDATED, mole_config, ep_group,
+                          extra={"step": step, **(extra or {})})
+
+    return save_checkpoint(engine, root, step, client_state, meta, keep=keep, before_marker=consolidated)
 
 
 def load_checkpoint(engine, tag_dir: Path, ep_size: int, world_size: int, num_experts: int) -> dict:

@@ -49,6 +49,15 @@ class DataSection:
     samples_per_epoch: int = 0
     """Per rank; 0 = derived from the shard manifest."""
     seed: int = 0
+    chat_format: str = "vicuna_v1"
+    """Prompt format: 'vicuna_v1' (LLaVA-1.5's training format) or 'template' (the tokenizer's chat_template)."""
+    mismatch_policy: str = "error"
+    """A sample whose labels cannot be derived exactly: 'error' stops the run, 'skip' counts and drops it."""
+    storage_timeout_s: float = 600.0
+    """Transient storage errors (connection, timeout, 5xx, throttling) are retried this long, then the run stops
+    naming the shard; permanent ones (credentials, 403, missing key) stop it at once."""
+    max_skip_fraction: float = 0.01
+    """Skipped samples / samples read above which the run stops; the end-of-run summary warns loudly above it."""
 
 
 @dataclass
@@ -70,6 +79,13 @@ class TrainSection:
     """Held-out batches per rank per evaluation (0 = the whole held-out set)."""
     output_dir: str = "runs/mole"
     seed: int = 0
+    collective_timeout_s: float = 1800.0
+    """A collective that waits longer than this for a peer fails on every rank that waits (a hung or
+    unreachable peer); a dead peer is noticed at once. Must exceed data.storage_timeout_s, since a rank may
+    wait that long on storage while its peers wait for it."""
+    stop_grace_s: float = 120.0
+    """After SIGINT/SIGTERM a rank that has not reached the next step boundary within this many seconds (or
+    3x its longest step so far, if longer) exits with status 1: a peer is stuck or gone."""
 
 
 @dataclass
@@ -106,7 +122,13 @@ def _coerce(where: str, value: Any, tp: Any) -> Any:
             if type(None) in args:
                 return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(where, value, inner[0])
+        errors = []
+        for alt in inner:
+            try:
+                return _coerce(where, value, alt)
+            except ValueError as exc:
+                errors.append(exc)
+        raise errors[0]
     if origin is list:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]
@@ -180,8 +202,12 @@ def load_run_config(path: str | None = None, overrides: list[str] | None = None,
     if base:
         merge(base, "the DeepSpeed config")
     if path:
-        text = Path(path).read_text()
-        data = yaml.safe_load(text) or {}
+        if not Path(path).is_file():
+            raise ValueError(f"--config ({path}) does not exist")
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"--config ({path}) is not valid YAML: {' '.join(str(exc).split())}") from None
         if not isinstance(data, dict):
             raise ValueError(f"run config {path} must be a mapping of sections")
         merge(data, path)
@@ -210,15 +236,69 @@ def _parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+# (section, field, lowest allowed value, whether the lowest value itself is allowed)
+_RANGES = [
+    ("train", "max_steps", 1, True), ("train", "run_steps", 0, True), ("train", "lr", 0, False),
+    ("train", "warmup_steps", 0, True), ("train", "weight_decay", 0, True), ("train", "log_every", 1, True),
+    ("train", "eval_every", 0, True), ("train", "eval_batches", 0, True),
+    ("train", "collective_timeout_s", 0, False), ("train", "stop_grace_s", 0, False),
+    ("checkpoint", "every", 0, True), ("checkpoint", "keep", 0, True),
+    ("data", "max_length", 8, True), ("data", "num_workers", 0, True), ("data", "shuffle_buffer", 0, True),
+    ("data", "samples_per_epoch", 0, True), ("data", "storage_timeout_s", 0, False),
+    ("model", "tiny_layers", 1, True), ("model", "tiny_hidden", 8, True),
+]
+
+
+def check_values(cfg: RunConfig) -> list[str]:
+    """Every out-of-range value of the run config, each naming the field and the value (``mole`` checks itself
+    when built)."""
+    import math
+
+    p: list[str] = []
+    for sec, name, lo, inclusive in _RANGES:
+        v = getattr(getattr(cfg, sec), name)
+        if isinstance(v, float) and not math.isfinite(v):
+            p.append(f"{sec}.{name} ({v}) must be a finite number")
+        elif v < lo or (v == lo and not inclusive):
+            p.append(f"{sec}.{name} ({v}) must be {'>=' if inclusive else '>'} {lo}")
+    if not 0.0 <= cfg.train.min_lr_ratio <= 1.0:
+        p.append(f"train.min_lr_ratio ({cfg.train.min_lr_ratio}) must be in [0, 1]")
+    from ..data.chat import CHAT_FORMATS
+    from ..data.config import MISMATCH_POLICIES
+
+    if cfg.data.chat_format not in CHAT_FORMATS:
+        p.append(f"data.chat_format ({cfg.data.chat_format!r}) must be one of {', '.join(CHAT_FORMATS)}")
+    if cfg.data.mismatch_policy not in MISMATCH_POLICIES:
+        p.append(f"data.mismatch_policy ({cfg.data.mismatch_policy!r}) must be one of {', '.join(MISMATCH_POLICIES)}")
+    if not 0.0 <= cfg.data.max_skip_fraction <= 1.0:
+        p.append(f"data.max_skip_fraction ({cfg.data.max_skip_fraction}) must be in [0, 1]")
+    for d, w in cfg.data.domain_weights.items():
+        if w < 0:
+            p.append(f"data.domain_weights.{d} ({w}) must be >= 0")
+    if cfg.data.domain_weights and sum(cfg.data.domain_weights.values()) <= 0:
+        p.append(f"data.domain_weights ({cfg.data.domain_weights}) must have a positive sum")
+    if cfg.train.collective_timeout_s <= cfg.data.storage_timeout_s:
+        p.append(f"train.collective_timeout_s ({cfg.train.collective_timeout_s:g}) must exceed data.storage_timeout_s "
+                 f"({cfg.data.storage_timeout_s:g}): a rank may wait that long on storage while its peers wait for it")
+    if cfg.checkpoint.resume not in ("none", "auto") and not Path(cfg.checkpoint.resume).is_dir():
+        p.append(f"checkpoint.resume ({cfg.checkpoint.resume!r}) must be none, auto or an existing checkpoint directory")
+    if cfg.model.dtype not in ("auto", "bf16", "fp32"):
+        p.append(f"model.dtype ({cfg.model.dtype!r}) must be auto, bf16 or fp32")
+    if cfg.train.warmup_steps > cfg.train.max_steps:
+        p.append(f"train.warmup_steps ({cfg.train.warmup_steps}) must be <= train.max_steps ({cfg.train.max_steps})")
+    return p
+
+
 def check_against_deepspeed(cfg: RunConfig, ds: dict[str, Any], world_size: int) -> list[str]:
     """Every inconsistency between the run config, the DeepSpeed config and the world, named with values."""
     p: list[str] = []
     ep = cfg.mole.ep_size
-    if ep > world_size:
+    if isinstance(ep, int) and ep > world_size:
         p.append(f"mole.ep_size ({ep}) must be <= world size ({world_size})")
-    elif world_size % ep:
+    elif isinstance(ep, int) and world_size % ep:
         p.append(f"world size ({world_size}) must be divisible by mole.ep_size ({ep})")
-    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    zero = ds.get("zero_optimization", {})
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
     if stage not in (0, 1, 2, 3):
         p.append(f"zero_optimization.stage ({stage}) must be 0, 1, 2 or 3")
     if ds.get("fp16", {}).get("enabled"):
@@ -232,14 +312,8 @@ def check_against_deepspeed(cfg: RunConfig, ds: dict[str, Any], world_size: int)
     tb = ds.get("train_batch_size")
     if isinstance(tb, int) and isinstance(mb, int) and isinstance(ga, int) and tb != mb * ga * world_size:
         p.append(f"train_batch_size ({tb}) must equal micro-batch ({mb}) x grad accumulation ({ga}) x world ({world_size})")
-    if cfg.train.warmup_steps > cfg.train.max_steps:
-        p.append(f"train.warmup_steps ({cfg.train.warmup_steps}) must be <= train.max_steps ({cfg.train.max_steps})")
-    if cfg.checkpoint.resume not in ("none", "auto") and not Path(cfg.checkpoint.resume).is_dir():
-        p.append(f"checkpoint.resume ({cfg.checkpoint.resume!r}) must be none, auto or an existing checkpoint directory")
     if cfg.model.train_base and stage == 3:
         p.append("model.train_base (true) needs zero_optimization.stage 0, 1 or 2 (got 3)")
-    if cfg.model.train_base and cfg.mole.ep_size > 1:
-        p.append(f"model.train_base (true) trains no experts: mole.ep_size ({cfg.mole.ep_size}) must be 1")
-    if cfg.model.dtype not in ("auto", "bf16", "fp32"):
-        p.append(f"model.dtype ({cfg.model.dtype!r}) must be auto, bf16 or fp32")
+    if cfg.model.train_base and isinstance(ep, int) and ep > 1:
+        p.append(f"model.train_base (true) trains no experts: mole.ep_size ({ep}) must be 1")
     return p

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from ..patching import mole_layers
 from .checkpoint import find_resume, load_checkpoint, save_checkpoint, save_training_checkpoint
 from .config import RunConfig
 from .engine import ds_stage, expert_bytes, setup_training
+from .faults import StopSignal
 from .metrics import MetricsWriter, RoutingTracker, write_routing_report
 from .zero3 import VisionSync
 
@@ -37,25 +37,6 @@ def _mean(values: list[float]) -> float:
     return float(t)
 
 
-class _Stop:
-    """SIGINT/SIGTERM set a flag; the loop saves a final checkpoint at the next step boundary and exits."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def agreed(self) -> bool:
-        # Every rank must stop at the same step, or the next collective hangs.
-        t = torch.tensor([1.0 if self.requested else 0.0])
-        if dist.is_initialized():
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
-
-
 def _data_config(cfg: RunConfig, urls: list[str], micro_batch: int, eval_mode: bool) -> DataConfig:
     d = cfg.data
     weights = d.domain_weights or None
@@ -63,7 +44,9 @@ def _data_config(cfg: RunConfig, urls: list[str], micro_batch: int, eval_mode: b
                       seed=d.seed + (7 if eval_mode else 0), shuffle_shards=not eval_mode,
                       shuffle_buffer=0 if eval_mode else d.shuffle_buffer,
                       domain_weights=None if eval_mode else weights,
-                      samples_per_epoch=(d.samples_per_epoch or None) if (weights and not eval_mode) else None)
+                      samples_per_epoch=(d.samples_per_epoch or None) if (weights and not eval_mode) else None,
+                      chat_format=d.chat_format, mismatch_policy=d.mismatch_policy,
+                      storage_timeout_s=d.storage_timeout_s, max_skip_fraction=d.max_skip_fraction)
 
 
 class Trainer:
@@ -96,6 +79,15 @@ class Trainer:
         self.progress = progress and self.rank == 0
         self.step = 0
         self._it = None
+        self.stop: StopSignal | None = None
+
+    def close(self) -> None:
+        """Release what the run holds (data loader workers, metrics files, signal handlers); idempotent."""
+        self._close_data()
+        self.metrics.close()
+        if self.stop is not None:
+            self.stop.close()
+            self.stop = None
 
     # -- data ------------------------------------------------------------------------------------------
     def _next_batch(self) -> dict:
@@ -159,6 +151,7 @@ class Trainer:
         self.step = int(client["step"])
         self.loader.load_state_dict(client["data"])
         self.routing.counts = torch.tensor(client["routing"], dtype=torch.float64)
+        self.metrics.truncate_after(self.step)  # steps after the checkpoint are re-run: their old records go
         if self.rank == 0:
             print(f"[mole_ds] resumed from {tag} at step {self.step}", flush=True)
 
@@ -199,7 +192,9 @@ class Trainer:
 
         cfg = self.cfg
         self.maybe_resume()
-        stop = _Stop()
+        # SIGINT/SIGTERM: stop at the next step boundary with a final checkpoint, on every rank; a rank that
+        # cannot reach it (blocked on a stuck peer) exits with status 1 after the grace period.
+        stop = self.stop = StopSignal(cfg.train.stop_grace_s, self.rank)
         bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not self.progress, dynamic_ncols=True,
                    desc="train")
         self.engine.train()
@@ -226,12 +221,13 @@ class Trainer:
             self.step += 1
             dt = time.perf_counter() - t0
             step_times.append(dt)
+            stop.note_step(dt)
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
                 load, balance = 0.0, 0.0
                 if self.has_mole:
                     counts = torch.stack([m.last_stats.count_BE.sum(0) for m in mole_layers(self.model)]).sum(0)
                     load = float(counts.max() / counts.mean().clamp_min(1e-9)) if counts.sum() > 0 else 0.0
-                    balance = float(aux_losses(self.model)["balance"])
+                    balance = float(aux_losses(self.model)["balance"].detach())
                 rec = {"loss": _mean(losses), "aux_loss": _mean(auxes), "balance": balance,
                        "lr": self.setup.scheduler.get_last_lr()[0], "tokens_per_s": tokens * self.world / dt,
                        "step_s": dt, "expert_load_max_over_mean": load, **all_to_all_bytes(self.model)}
@@ -246,6 +242,7 @@ class Trainer:
                 self.save()
             if stop.agreed():
                 interrupted = True
+                stop.reached_boundary()
                 break
         bar.close()
         self._close_data()
@@ -262,17 +259,39 @@ class Trainer:
             write_routing_report(counts, self.domains, self.out,
                                  title=f"MoLE routing ({cfg.mole.num_experts} experts, step {self.step})")
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
-        self.metrics.close()
+        self.close()
         return summary
+
+    def _data_stats(self) -> tuple[dict, list[str]]:
+        """Skip and fault counts summed over ranks (fixed key order, one all-reduce), and the skip-fraction
+        warning of the whole run if any (a fraction above data.max_skip_fraction has already stopped it)."""
+        from ..data import STAT_KEYS, check_skip_fraction
+
+        local = dict(self.loader.stats)
+        t = torch.tensor([float(local.get(k, 0)) for k in STAT_KEYS], dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(t)
+        stats = {k: int(v) for k, v in zip(STAT_KEYS, t.tolist()) if v}
+        # A counter outside the fixed list (none today) is reported as this rank's own.
+        stats.update({f"rank{self.rank}/{k}": int(v) for k, v in local.items() if k not in STAT_KEYS and v})
+        warnings = []
+        try:
+            w = check_skip_fraction(stats, self.cfg.data.max_skip_fraction, "all ranks", final=True)
+        except Exception as exc:  # noqa: BLE001 - the run is over: report it rather than lose the summary
+            w = str(exc).splitlines()[0]
+        if w:
+            warnings.append(w)
+        return stats, warnings
 
     def _summary(self, ckpt, evals, counts, step_times, wall, steps, interrupted) -> dict:
         ex, other = expert_bytes(self.model)
         st = sorted(step_times)
+        data_stats, warnings = self._data_stats()
         return {
             "steps": self.step, "steps_this_run": steps, "interrupted": interrupted, "wall_s": round(wall, 2),
             "median_step_s": st[len(st) // 2] if st else None, "checkpoint": str(ckpt),
             "world_size": self.world, "ep_size": self.cfg.mole.ep_size, "zero_stage": ds_stage(self.ds),
             "eval": evals, "routing_tokens_per_expert": counts.sum((0, 1)).tolist(),
             "expert_param_bytes_per_rank": ex, "other_param_bytes_per_rank": other,
-            "patch": str(self.setup.report), "data_stats": dict(self.loader.stats),
+            "patch": str(self.setup.report), "data_stats": data_stats, "warnings": warnings,
         }

@@ -38,11 +38,41 @@ class MetricsWriter:
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     self._tb.add_scalar(f"{kind}/{k}", v, step)
 
+    def truncate_after(self, step: int) -> int:
+        """Drop the records of steps after ``step`` (a resume re-runs them), keeping lines that do not parse
+        (a half-written last line of a killed run is dropped too); returns how many records were dropped.
+        The rewrite is atomic (a temporary file renamed over the old one)."""
+        if not self.enabled:
+            return 0
+        path = self.dir / "metrics.jsonl"
+        self._f.close()
+        kept, dropped = [], 0
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] > step:
+                dropped += 1
+            else:
+                kept.append(line)
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+        self._f = open(path, "a", buffering=1)
+        if dropped:
+            print(f"[mole_ds] metrics.jsonl: dropped {dropped} record(s) after step {step} (re-run after resume)",
+                  flush=True)
+        return dropped
+
     def close(self) -> None:
         if self._f:
             self._f.close()
+            self._f = None
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
 
 
 class RoutingTracker:

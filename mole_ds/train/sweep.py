@@ -3,7 +3,6 @@ scaling study. A failing point is recorded with its error and the sweep goes on.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -21,7 +20,8 @@ def free_port() -> int:
 
 def run_point(world: int, args: dict, timeout: int = 900, env: dict | None = None) -> dict:
     """One probe launch on ``world`` ranks; returns its record, or {'error': ...} naming what failed.
-    ``env`` replaces the default environment (this process's, with CPU/offline defaults)."""
+    ``env`` replaces the default environment (this process's, with mole_ds.train.env.launch_env's defaults)."""
+    from .env import launch_env
     from .shm import release_port_buffers
 
     deepspeed = Path(sys.executable).with_name("deepspeed")
@@ -33,9 +33,7 @@ def run_point(world: int, args: dict, timeout: int = 900, env: dict | None = Non
         for k, v in args.items():
             cmd += [f"--{k.replace('_', '-')}", str(v)]
         if env is None:
-            env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-                   "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "HF_HUB_OFFLINE": "1",
-                   "TOKENIZERS_PARALLELISM": "false"}
+            env = launch_env()
         try:
             res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -36,6 +36,12 @@ def test_valid_config_merges_deepspeed_file_then_overrides(tmp_path):
     (2, ["--optim.lr", "1"], r"unknown section 'optim'"),
     (2, ["--train.warmup_steps", "50", "--train.max_steps", "10"], r"train.warmup_steps \(50\) must be <= train.max_steps \(10\)"),
     (2, ["--checkpoint.resume", "/nonexistent/ckpt"], r"checkpoint.resume \('/nonexistent/ckpt'\) must be none, auto or"),
+    (2, ["--train.max_steps", "0"], r"train.max_steps \(0\) must be >= 1"),
+    (2, ["--train.log_every", "0"], r"train.log_every \(0\) must be >= 1"),
+    (2, ["--train.lr", "-1e-4"], r"train.lr \(-0.0001\) must be > 0"),
+    (2, ["--data.storage_timeout_s", "4000"], r"train.collective_timeout_s \(1800\) must exceed data.storage_timeout_s \(4000\)"),
+    (2, ["--data.chat_format", "chatml"], r"data.chat_format \('chatml'\) must be one of vicuna_v1, template"),
+    (2, ["--config", "/nonexistent/run.yaml"], r"--config \(/nonexistent/run.yaml\) does not exist"),
 ])
 def test_config_errors(tmp_path, world, overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -70,7 +76,7 @@ def test_version_range_and_ep_checks():
     with pytest.raises(RuntimeError, match="outside the tested range"):
         check_deepspeed_version("0.20.1")
     check_deepspeed_version("0.19.8")
-    assert check_ep_size(2, 4, 4) == []
+    assert check_ep_size(2, 4) == []
     assert check_ep_size(8, 4) == ["mole.ep_size (8) must be <= world size (4)"]
 
 
@@ -89,3 +95,75 @@ def test_run_config_types_from_yaml(tmp_path):
     run.write_text("mole: [1, 2]\n")
     with pytest.raises(ValueError, match="section 'mole' in .* must be a mapping"):
         load_run_config(str(run))
+
+
+def test_deepspeed_key_typo_is_refused_before_any_rank_starts(tmp_path):
+    bad = {k: v for k, v in DS.items() if k != "zero_optimization"}
+    bad["zero_optimisation"] = {"stage": 3}  # DeepSpeed itself would silently run ZeRO-0
+    with pytest.raises(ValueError, match=r"zero_optimisation.*zero_optimization"):
+        _prep(tmp_path, 2, ds=bad)
+    bad = {**DS, "zero_optimization": {"stage": 3, "overlap_comms": True}}
+    with pytest.raises(ValueError, match=r"zero_optimization.overlap_comms.*overlap_comm"):
+        _prep(tmp_path, 2, ds=bad)
+
+
+def test_invalid_yaml_names_the_file(tmp_path):
+    run = tmp_path / "run.yaml"
+    run.write_text("train: {max_steps: [\n")
+    with pytest.raises(ValueError, match=r"--config \(.*run.yaml\) is not valid YAML"):
+        load_run_config(str(run))
+
+
+def _fake_tag(root, step, meta_extra=None):
+    """A checkpoint tag with the marker and manifest written as save_checkpoint writes them."""
+    import json as _json
+
+    from mole_ds.train.checkpoint import META, file_manifest
+
+    tag = root / f"step{step:08d}"
+    (tag / "rng").mkdir(parents=True)
+    (tag / "mp_rank_00_model_states.pt").write_bytes(bytes(range(256)) * 4)
+    (tag / "rng" / "rank0.json").write_text("{}")
+    (tag / "mole.safetensors").write_bytes(b"x" * 1000)
+    (tag / META).write_text(_json.dumps({"step": step, "complete": True, "files": file_manifest(tag),
+                                         **(meta_extra or {})}))
+    return tag
+
+
+def test_checkpoints_are_verified_and_resume_falls_back(tmp_path, capsys):
+    from mole_ds.train.checkpoint import find_resume, verify_checkpoint
+
+    old, new = _fake_tag(tmp_path, 2), _fake_tag(tmp_path, 4)
+    assert verify_checkpoint(new) == [] and find_resume("auto", tmp_path) == new
+    # Truncate the newest consolidated file: detected by size, resume falls back to the previous tag, loudly.
+    (new / "mole.safetensors").write_bytes(b"x" * 10)
+    problems = verify_checkpoint(new)
+    assert len(problems) == 1 and "mole.safetensors: 10 bytes, the manifest says 1000" in problems[0]
+    assert find_resume("auto", tmp_path) == old
+    assert f"not resuming from {new}" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="fails verification"):
+        find_resume(str(new), tmp_path)
+    # Same size, other bytes: detected by the hash. A missing file is named.
+    data = bytearray((old / "mp_rank_00_model_states.pt").read_bytes())
+    data[100] ^= 0xFF
+    (old / "mp_rank_00_model_states.pt").write_bytes(bytes(data))
+    assert "SHA-256 differs" in verify_checkpoint(old)[0]
+    (old / "rng" / "rank0.json").unlink()
+    assert any("rank0.json: missing" in p for p in verify_checkpoint(old))
+    assert find_resume("auto", tmp_path) is None
+
+
+def test_metrics_are_truncated_after_the_resumed_step(tmp_path):
+    from mole_ds.train.metrics import MetricsWriter
+
+    m = MetricsWriter(tmp_path, tensorboard=False)
+    for step in range(1, 7):
+        m.log(step, "train", {"loss": float(step)})
+    m._f.write('{"step": 7, "kind": "tra')  # a half-written line of a killed run
+    m.close()
+    m = MetricsWriter(tmp_path, tensorboard=False)
+    assert m.truncate_after(4) == 3
+    m.log(5, "train", {"loss": 0.5})
+    m.close()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]

@@ -1,0 +1,122 @@
+"""One training step, written once: forward, aux loss, backward and optimizer step over the micro-batches
+of one gradient-accumulation window. The training loop, the probe runs and the distributed test worker all
+call :func:`train_step`, so fault handling and loss bookkeeping cannot drift between copies.
+
+    record = train_step(engine, [next_batch() for _ in range(accum)])   # or a generator of micro-batches
+    record.loss, record.aux_loss, record.tokens                         # this rank's means / sum
+    loss, aux = record.global_means()                                   # collective: mean over ranks
+
+Algorithm of one step (a DeepSpeed engine counts micro-batches itself and only steps the optimizer at the
+gradient-accumulation boundary):
+  1. For each micro-batch: move tensors to the engine's device, cast pixel_values to the model's dtype,
+     tell MoLE layers each sample's domain (``routing: oracle``) and, under ZeRO-3, whether this batch has
+     images (VisionSync), then forward.
+  2. loss = task loss + aux loss of this forward (balance + z, zero when the model has no MoLE layers);
+     ``engine.backward(loss)``, ``engine.step()``.
+  3. ``observe(batch, out)`` (if given) runs after each forward, e.g. to add routing counts per domain.
+  4. After the last micro-batch the engine must be at an accumulation boundary: a window of the wrong
+     length is an error naming both numbers (it would silently shift every later optimizer step).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+
+from ..mole.collect import aux_loss
+from ..patching import mole_layers, set_sample_domains
+
+MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values")
+
+
+@dataclass
+class StepRecord:
+    """What one optimizer step did on this rank."""
+
+    losses: list[float] = field(default_factory=list)
+    """Task loss of each micro-batch (the model's own loss: mean over its supervised tokens)."""
+    auxes: list[float] = field(default_factory=list)
+    """Aux loss (balance_coef * balance + z_loss_coef * z) of each micro-batch."""
+    tokens: int = 0
+    """Attention-mask tokens (image tokens included) over the micro-batches."""
+
+    @property
+    def loss(self) -> float:
+        return sum(self.losses) / max(len(self.losses), 1)
+
+    @property
+    def aux_loss(self) -> float:
+        return sum(self.auxes) / max(len(self.auxes), 1)
+
+    def global_means(self) -> tuple[float, float]:
+        """(task loss, aux loss) averaged over ranks with equal weights (collective: every rank calls it)."""
+        t = torch.tensor([self.loss, self.aux_loss], dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(t)
+            t /= dist.get_world_size()
+        return float(t[0]), float(t[1])
+
+
+def model_inputs_on(batch: dict, device, dtype: torch.dtype) -> dict:
+    """The model's keyword arguments from a batch (extra keys such as domain_ids are dropped): tensors on
+    ``device``, float pixel_values in ``dtype``, empty pixel_values (a text-only batch) as None."""
+    inputs = {k: batch[k] for k in MODEL_KEYS if k in batch}
+    pv = inputs.get("pixel_values")
+    if pv is not None and pv.numel() == 0:
+        inputs["pixel_values"] = None
+    out = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in inputs.items()}
+    if out.get("pixel_values") is not None:
+        out["pixel_values"] = out["pixel_values"].to(dtype)
+    return out
+
+
+def forward(engine, batch: dict, vision_sync=None):
+    """Step 1 for one micro-batch: the engine's forward on ``batch`` (train or eval mode alike)."""
+    model = engine.module
+    dtype = next(model.parameters()).dtype
+    inputs = model_inputs_on(batch, engine.device, dtype)
+    if vision_sync is not None:
+        vision_sync.text_only = inputs.get("pixel_values") is None
+    if mole_layers(model):
+        dom = batch.get("domain_ids")
+        set_sample_domains(model, dom.to(engine.device) if torch.is_tensor(dom) else None)
+    return engine(**inputs)
+
+
+def train_step(engine, micro_batches: Iterable[dict], *, vision_sync=None,
+               observe: Callable[[dict, object], None] | None = None) -> StepRecord:
+    """One optimizer step over ``micro_batches`` (as many as the DeepSpeed config's
+    gradient_accumulation_steps; a generator is consumed lazily, one micro-batch at a time).
+
+    Raises FloatingPointError naming the micro-batch when its loss is not finite (every later step would be
+    wasted), and ValueError when the window length does not match the engine's accumulation."""
+    model = engine.module
+    has_mole = bool(mole_layers(model))
+    rec = StepRecord()
+    n = 0
+    for batch in micro_batches:
+        out = forward(engine, batch, vision_sync)
+        aux = aux_loss(model) if has_mole else out.loss.new_zeros(())
+        task = float(out.loss.detach())
+        if not math.isfinite(task):
+            raise FloatingPointError(f"loss is {task} at micro-batch {n} of this step (ids "
+                                     f"{list(batch.get('ids', []))[:4]}): check the learning rate and the data")
+        engine.backward(out.loss + aux)
+        engine.step()
+        rec.losses.append(task)
+        rec.auxes.append(float(aux.detach()))
+        rec.tokens += int(batch["attention_mask"].sum())
+        if observe is not None:
+            observe(batch, out)
+        n += 1
+    accum = int(engine.gradient_accumulation_steps())
+    if n != accum or engine.micro_steps % accum:
+        raise ValueError(f"train_step got {n} micro-batch(es); the DeepSpeed config's gradient_accumulation_steps "
+                         f"is {accum}: give exactly that many per step")
+    return rec
+
+
+__all__ = ["StepRecord", "forward", "model_inputs_on", "train_step"]
