@@ -76,6 +76,9 @@ class TrainSection:
     eval_every: int = 0
     """0 = evaluate only at the end."""
     eval_batches: int = 0
+    eval_exact_match_tokens: int = 16
+    """Per-domain exact match of greedy answers at each evaluation, decoding up to this many tokens (short-answer
+    data); 0 = loss only."""
     """Held-out batches per rank per evaluation (0 = the whole held-out set)."""
     output_dir: str = "runs/mole"
     seed: int = 0
@@ -241,6 +244,7 @@ _RANGES = [
     ("train", "max_steps", 1, True), ("train", "run_steps", 0, True), ("train", "lr", 0, False),
     ("train", "warmup_steps", 0, True), ("train", "weight_decay", 0, True), ("train", "log_every", 1, True),
     ("train", "eval_every", 0, True), ("train", "eval_batches", 0, True),
+    ("train", "eval_exact_match_tokens", 0, True),
     ("train", "collective_timeout_s", 0, False), ("train", "stop_grace_s", 0, False),
     ("checkpoint", "every", 0, True), ("checkpoint", "keep", 0, True),
     ("data", "max_length", 8, True), ("data", "num_workers", 0, True), ("data", "shuffle_buffer", 0, True),

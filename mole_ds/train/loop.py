@@ -8,14 +8,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..data import DataConfig, build_loader, model_inputs
-from ..mole.collect import aux_loss, aux_losses, routing_counts_by_sample
+from ..data import DataConfig, build_loader
+from ..mole.collect import aux_losses, routing_counts_by_sample
 from ..parallel import all_to_all_bytes
 from ..patching import mole_layers
 from .checkpoint import find_resume, load_checkpoint, save_checkpoint, save_training_checkpoint
 from .config import RunConfig
 from .engine import ds_stage, expert_bytes, setup_training
 from .faults import StopSignal
+from .step import forward, train_step
 from .metrics import MetricsWriter, RoutingTracker, write_routing_report
 from .zero3 import VisionSync
 
@@ -26,15 +27,6 @@ def _rank() -> int:
 
 def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _mean(values: list[float]) -> float:
-    """Mean over ranks of a per-rank mean (equal weights: every rank takes the same steps)."""
-    t = torch.tensor([sum(values) / max(len(values), 1)], dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-        t /= _world()
-    return float(t)
 
 
 def _data_config(cfg: RunConfig, urls: list[str], micro_batch: int, eval_mode: bool) -> DataConfig:
@@ -100,14 +92,7 @@ class Trainer:
                 self._it = None  # next epoch (the loader advanced its epoch counter)
 
     def _forward(self, batch: dict):
-        inputs = model_inputs(batch)
-        if self.vision_sync is not None:
-            self.vision_sync.text_only = inputs["pixel_values"] is None
-        dev = self.engine.device
-        inputs = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in inputs.items()}
-        if inputs["pixel_values"] is not None:
-            inputs["pixel_values"] = inputs["pixel_values"].to(next(self.model.parameters()).dtype)
-        return self.engine(**inputs)
+        return forward(self.engine, batch, self.vision_sync)
 
     def _close_data(self) -> None:
         # A suspended epoch iterator keeps its DataLoader workers alive; closing it shuts them down through
@@ -163,7 +148,9 @@ class Trainer:
         self.engine.eval()
         self.eval_loader = build_loader(self._eval_cfg, self.setup.processor)
         names = self.eval_loader.domain_names
-        sums = torch.zeros(len(names), 2, dtype=torch.float64)  # (loss * tokens, tokens) per domain
+        # Per domain: (loss * tokens, tokens, exact matches, samples scored).
+        sums = torch.zeros(len(names), 4, dtype=torch.float64)
+        em_tokens = self.cfg.train.eval_exact_match_tokens
         it = iter(self.eval_loader)
         n = len(self.eval_loader) if self.cfg.train.eval_batches <= 0 else min(self.cfg.train.eval_batches, len(self.eval_loader))
         for _ in range(n):
@@ -174,9 +161,18 @@ class Trainer:
             tok_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100,
                                                          reduction="none")
             valid = (labels != -100).to(torch.float64)
-            for b, d in enumerate(batch["domain_ids"].tolist()):
+            dom = batch["domain_ids"].tolist()
+            for b, d in enumerate(dom):
                 sums[d, 0] += float((tok_loss[b].double() * valid[b]).sum())
                 sums[d, 1] += float(valid[b].sum())
+            if em_tokens > 0:
+                # Greedy answers vs the first reference reply (every rank decodes in step: synced generation).
+                from ..inference import exact_match_batch
+
+                correct = exact_match_batch(self.model, self.setup.processor, batch, max_new_tokens=em_tokens)
+                for ok, d in zip(correct, dom):
+                    sums[d, 2] += float(ok)
+                    sums[d, 3] += 1.0
         it.close()  # shuts its DataLoader workers down now (see _close_data)
         if dist.is_initialized():
             dist.all_reduce(sums)
@@ -184,6 +180,9 @@ class Trainer:
         res = {f"loss/{n}": float(sums[i, 0] / sums[i, 1]) for i, n in enumerate(names) if sums[i, 1] > 0}
         if sums[:, 1].sum() > 0:
             res["loss/all"] = float(sums[:, 0].sum() / sums[:, 1].sum())
+        res.update({f"exact_match/{n}": float(sums[i, 2] / sums[i, 3]) for i, n in enumerate(names) if sums[i, 3] > 0})
+        if sums[:, 3].sum() > 0:
+            res["exact_match/all"] = float(sums[:, 2].sum() / sums[:, 3].sum())
         return res
 
     # -- the loop --------------------------------------------------------------------------------------
@@ -206,18 +205,10 @@ class Trainer:
         interrupted = False
         while self.step < end:
             t0 = time.perf_counter()
-            losses, auxes, tokens = [], [], 0
-            for _ in range(self.accum):
-                batch = self._next_batch()
-                out = self._forward(batch)
-                aux = aux_loss(self.model) if self.has_mole else out.loss.new_zeros(())
-                self.engine.backward(out.loss + aux)
-                self.engine.step()
-                losses.append(float(out.loss.detach()))
-                auxes.append(float(aux.detach()))
-                tokens += int(batch["attention_mask"].sum())
-                if self.has_mole:
-                    self.routing.add(routing_counts_by_sample(self.model), batch["domain_ids"])
+            observe = ((lambda batch, out: self.routing.add(routing_counts_by_sample(self.model), batch["domain_ids"]))
+                       if self.has_mole else None)
+            rec_step = train_step(self.engine, (self._next_batch() for _ in range(self.accum)),
+                                  vision_sync=self.vision_sync, observe=observe)
             self.step += 1
             dt = time.perf_counter() - t0
             step_times.append(dt)
@@ -228,8 +219,9 @@ class Trainer:
                     counts = torch.stack([m.last_stats.count_BE.sum(0) for m in mole_layers(self.model)]).sum(0)
                     load = float(counts.max() / counts.mean().clamp_min(1e-9)) if counts.sum() > 0 else 0.0
                     balance = float(aux_losses(self.model)["balance"].detach())
-                rec = {"loss": _mean(losses), "aux_loss": _mean(auxes), "balance": balance,
-                       "lr": self.setup.scheduler.get_last_lr()[0], "tokens_per_s": tokens * self.world / dt,
+                loss, aux = rec_step.global_means()
+                rec = {"loss": loss, "aux_loss": aux, "balance": balance,
+                       "lr": self.setup.scheduler.get_last_lr()[0], "tokens_per_s": rec_step.tokens * self.world / dt,
                        "step_s": dt, "expert_load_max_over_mean": load, **all_to_all_bytes(self.model)}
                 self.metrics.log(self.step, "train", rec)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", aux=f"{rec['aux_loss']:.4f}",

@@ -47,12 +47,13 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from mole_ds.config import MoLEConfig
-    from mole_ds.mole.collect import aux_loss, routing_counts
+    from mole_ds.mole.collect import routing_counts
     from mole_ds.parallel import comm_stats
     from mole_ds.parallel import cost_model as cm
     from mole_ds.parallel.deepspeed_compat import ZeroCommMeter, optimizer_state_bytes
     from mole_ds.train.config import ModelSection, RunConfig, TrainSection
     from mole_ds.train.engine import expert_bytes, setup_training
+    from mole_ds.train.step import train_step
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     from mole_ds.train.shm import release_own_shm_buffer
@@ -74,16 +75,13 @@ def main(argv=None) -> int:
     setup = setup_training(cfg, ds)  # resolves ep 'auto' into cfg.mole.ep_size
     engine, model = setup.engine, setup.engine.module
     vocab = model.config.text_config.vocab_size
-    dev = engine.device
     g = torch.Generator().manual_seed(rank)
     times, fwd_b, bwd_b, rows = [], [], [], []
     counts = None
 
     def step():
-        ids = torch.randint(5, vocab, (args.micro_batch, args.seq), generator=g).to(dev)
-        out = engine(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
-        engine.backward(out.loss + aux_loss(model))
-        engine.step()
+        ids = torch.randint(5, vocab, (args.micro_batch, args.seq), generator=g)
+        train_step(engine, [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}])
         if torch.cuda.is_available():
             torch.cuda.synchronize()
 

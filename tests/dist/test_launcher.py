@@ -43,20 +43,6 @@ def run(cmd: list[str], log: Path) -> subprocess.CompletedProcess:
     return res
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("launcher")
-    data = root / "data"
-    subprocess.run([str(PY), str(ROOT / "tools/make_demo_data.py"), "--out", str(data), "--train-per-domain", "24",
-                    "--eval-per-domain", "8", "--max-samples", "8"], env=ENV, check=True, capture_output=True, cwd=ROOT)
-    full, part = root / "full", root / "part"
-    r_full = run(train_cmd(data, full, "--train.max_steps", "6"), root / "full.log")
-    run(train_cmd(data, part, "--train.max_steps", "6", "--train.run_steps", "3"), root / "part1.log")
-    r_resumed = run(train_cmd(data, part, "--train.max_steps", "6", "--checkpoint.resume", "auto"), root / "part2.log")
-    return {"root": root, "data": data, "full": full, "part": part, "full_out": r_full.stdout,
-            "resumed_out": r_resumed.stdout}
-
-
 def _train_losses(out: Path) -> dict[int, float]:
     recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}

@@ -16,13 +16,14 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from mole_ds import MoLEConfig, aux_loss, mole_layers, routing_counts
+from mole_ds import MoLEConfig, mole_layers, routing_counts
 from mole_ds.parallel import comm_stats
 from mole_ds.export import gather_trainable_state, save_consolidated
 from mole_ds.train.checkpoint import find_resume, load_checkpoint, save_training_checkpoint
 from mole_ds.train.shm import release_own_shm_buffer
 from mole_ds.train.config import ModelSection, RunConfig, TrainSection
 from mole_ds.train.engine import setup_training
+from mole_ds.train.step import train_step
 
 GLOBAL_BATCH = 4
 TEXT_TOKENS = 12
@@ -100,17 +101,13 @@ def main() -> None:
         batch = make_batch(step, vocab, image_token, n_img)
         mine = {k: v[rank * mb:(rank + 1) * mb] for k, v in batch.items()}
         comm_stats(model, reset=True)
-        o = engine(**mine)
-        loss = o.loss + aux_loss(model)
-        engine.backward(loss)
+        rec = train_step(engine, [mine])  # the one training step the loop and the probe use
         # The expert all-to-all traffic of this step's forward + backward, and the routing that caused it.
         st = comm_stats(model, reset=True)
         comm = {**vars(st), "counts": routing_counts(model).tolist(), "layers": len(mole_layers(model)),
                 "hidden": int(model.config.text_config.hidden_size)}
-        engine.step()
-        t = loss.detach().clone()
-        dist.all_reduce(t)
-        losses.append(float(t) / world)
+        task, aux = rec.global_means()
+        losses.append(task + aux)
         if args.save_at and step + 1 == args.save_at:
             save_training_checkpoint(engine, out / "checkpoints", step + 1, {"step": step + 1},
                                      {"ep_size": args.ep, "world_size": world, "num_experts": args.experts},
