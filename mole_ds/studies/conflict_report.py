@@ -39,7 +39,7 @@ def aggregate(records: list[dict], variants: list[str], arms: list[str], seeds: 
     """Everything the report shows (see module docstring); missing runs only shrink n."""
     scores = per_seed_scores(records, num_domains)
     doms = domain_names(num_domains)
-    cells, mi_rows, cost = [], [], []
+    cells, mi_rows, cost, per_seed = [], [], [], []
     for v in variants:
         for a in arms:
             for d in doms + ["mean"]:
@@ -73,7 +73,13 @@ def aggregate(records: list[dict], variants: list[str], arms: list[str], seeds: 
                              "trainable_params": max(r["trainable_params"] for r in recs),
                              "steps": max(r["steps"] for r in recs),
                              "wall_s_per_seed": sum(r["wall_s"] for r in recs) / n_seeds})
-    return {"cells": cells, "mi": mi_rows, "cost": cost, "domains": doms}
+            for s in seeds:
+                mine = scores.get((v, a, s))
+                if mine is not None:
+                    per_seed.append({"variant": v, "arm": a, "seed": s,
+                                     "em_mean": _domain_value(mine["em"], "mean"),
+                                     "loss_mean": _domain_value(mine["loss"], "mean")})
+    return {"cells": cells, "mi": mi_rows, "cost": cost, "per_seed": per_seed, "domains": doms}
 
 
 def _domain_value(by_domain: dict[str, float], d: str) -> float:
@@ -104,7 +110,7 @@ def format_table(agg: dict, variants: list[str], arms: list[str]) -> str:
                   + " | ".join(f"EM {d}" for d in doms) + " | "
                   + " | ".join(f"MI L{layer} (bit, max {max_bits:.2f})" for layer in layers)
                   + " | trainable params | n |",
-                  "|---" * (6 + len(doms) + len(layers)) + "|"]
+                  "|---" * (7 + len(doms) + len(layers)) + "|"]
         for a in arms:
             c = cells.get((v, a, "mean"))
             if c is None or c["em_n"] == 0:
@@ -120,6 +126,48 @@ def format_table(agg: dict, variants: list[str], arms: list[str]) -> str:
             lines.append(f"| {a} | {fmt_ci(c['em_mean'], c['em_ci95'], 3)} | {dem} | "
                          f"{fmt_ci(c['loss_mean'], c['loss_ci95'], 3)} | {dlo} | " + " | ".join(per_dom) + " | "
                          + " | ".join(mis) + f" | {k.get('trainable_params', 0):,} | {c['em_n']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def format_mi_table(agg: dict, variants: list[str], arms: list[str]) -> str:
+    """Markdown: per variant, routing mutual information I(domain; expert) per layer (bits, mean ± 95% CI
+    over seeds) on held-out inputs of the final model, at the SEP token and over all prompt tokens."""
+    mi = {(m["variant"], m["arm"], m["position"], m["layer"]): m for m in agg["mi"]}
+    lines = []
+    for v in variants:
+        layers = sorted({m["layer"] for m in agg["mi"] if m["variant"] == v})
+        if not layers:
+            continue
+        max_bits = next(m["max_bits"] for m in agg["mi"] if m["variant"] == v)
+        lines += [f"### routing mutual information, variant `{v}` (bit; max {max_bits:.3f})", "",
+                  "| arm | tokens | " + " | ".join(f"layer {layer}" for layer in layers) + " | n |",
+                  "|---" * (3 + len(layers)) + "|"]
+        for a in arms:
+            for pos, what in (("sep", "SEP"), ("all", "all prompt")):
+                row = [mi.get((v, a, pos, layer)) for layer in layers]
+                if not any(row):
+                    continue
+                vals = ["" if m is None else fmt_ci(m["bits_mean"], m["bits_ci95"], 3) for m in row]
+                n = max(m["n"] for m in row if m)
+                lines.append(f"| {a} | {what} | " + " | ".join(vals) + f" | {n} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def format_seed_table(agg: dict, variants: list[str], arms: list[str], seeds: list[int]) -> str:
+    """Markdown: per variant, the mean-of-domains EM of every arm on every seed (shows collapsed seeds that a
+    mean ± CI hides)."""
+    em = {(p["variant"], p["arm"], p["seed"]): p["em_mean"] for p in agg.get("per_seed", [])}
+    lines = []
+    for v in variants:
+        lines += [f"### EM per seed, variant `{v}`", "",
+                  "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---" * (1 + len(seeds)) + "|"]
+        for a in arms:
+            vals = [em.get((v, a, s)) for s in seeds]
+            if all(x is None for x in vals):
+                continue
+            lines.append(f"| {a} | " + " | ".join("" if x is None else f"{x:.3f}" for x in vals) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -200,7 +248,8 @@ def write_outputs(out: Path, config: dict, agg: dict, records: list[dict], varia
     doc = {"config": config, "wall_s": round(wall_s, 1), **agg, "runs": records}
     paths["json"].write_text(json.dumps(_finite_or_null(doc), indent=1, allow_nan=False))
     write_csv(agg, paths["csv"])
-    paths["md"].write_text(format_table(agg, variants, arms))
+    paths["md"].write_text("\n".join([format_table(agg, variants, arms), format_mi_table(agg, variants, arms),
+                                       format_seed_table(agg, variants, arms, seeds)]))
     plot_bars(agg, variants, arms, paths["bars"])
     for v in variants:
         p = write_heatmaps(records, v, arms, seeds[0], out / f"routing_{v}.png")

@@ -15,7 +15,7 @@ import torch
 
 from mole_ds.demo.conflict import make_task
 from mole_ds.studies.conflict import ConflictConfig, _check_resume, arm_names, plan_runs
-from mole_ds.studies.conflict_report import aggregate
+from mole_ds.studies.conflict_report import aggregate, format_mi_table, format_seed_table
 from mole_ds.studies.routing_table import RoutingTable, mutual_information_bits
 from mole_ds.studies.stats import mean_ci
 
@@ -118,6 +118,25 @@ def test_paired_deltas_and_per_domain_merge():
     assert cells[("per_domain", "mean")]["em_mean"] == 1.0 and cells[("per_domain", "mean")]["em_n"] == 3
     assert cells[("per_domain", "d1")]["d_loss_mean"] == pytest.approx(-0.5)
     assert math.isnan(cells[("mix", "mean")]["d_em_mean"])
+    # Per-seed means: the merged per-domain arm is one row per complete seed; the seed table shows them.
+    per_seed = {(p["arm"], p["seed"]): p["em_mean"] for p in agg["per_seed"]}
+    assert per_seed[("mix", 1)] == pytest.approx(0.4) and ("per_domain", 3) not in per_seed
+    seed_md = format_seed_table(agg, ["table"], ["per_domain", "mix", "oracle"], [0, 1, 2, 3])
+    assert "| mix | 0.600 | 0.400 | 0.800 |  |" in seed_md
+
+
+def test_mi_table_reports_each_layer_and_position():
+    def rec(seed, sep_layers):
+        r = _rec("mole_st", seed, {0: 1.0, 1: 1.0})
+        r["routing_sep"] = RoutingTable(["d0", "d1"], sep_layers).to_dict()
+        r["routing_all"] = RoutingTable(["d0", "d1"], [[[2, 2], [2, 2]]] * len(sep_layers)).to_dict()
+        return r
+    recs = [rec(s, [[[4, 0], [0, 4]], [[2, 2], [2, 2]]]) for s in range(2)]
+    agg = aggregate(recs, ["table"], ["mole_st"], [0, 1], 2)
+    md = format_mi_table(agg, ["table"], ["mole_st"])
+    assert "max 1.000" in md
+    assert "| mole_st | SEP | 1.000 ± 0.000 | 0.000 ± 0.000 | 2 |" in md  # layer 0 by domain, layer 1 not
+    assert "| mole_st | all prompt | 0.000 ± 0.000 | 0.000 ± 0.000 | 2 |" in md
 
 
 # -- config and plan ---------------------------------------------------------------------------------------------
@@ -189,6 +208,11 @@ def test_quick_study_learns_and_routes_as_defined(tmp_path):
     for png in ("em_bars.png", "routing_table.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG", png
     assert "| oracle |" in first.stdout and "| per_domain |" in first.stdout
+    md = (out / "table.md").read_text()
+    assert "### routing mutual information, variant `table`" in md and "### EM per seed, variant `table`" in md
+    for block in md.split("\n\n"):  # every markdown table: header, separator and rows have equal columns
+        rows = [ln for ln in block.splitlines() if ln.startswith("|")]
+        assert len({ln.count("|") for ln in rows}) <= 1, block
     # A rerun resumes: nothing is trained again and the numbers are the same.
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert again.returncode == 0 and " steps " not in again.stdout, again.stdout[-2000:]
