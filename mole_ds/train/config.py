@@ -284,6 +284,10 @@ def check_values(cfg: RunConfig) -> list[str]:
     if cfg.train.collective_timeout_s <= cfg.data.storage_timeout_s:
         p.append(f"train.collective_timeout_s ({cfg.train.collective_timeout_s:g}) must exceed data.storage_timeout_s "
                  f"({cfg.data.storage_timeout_s:g}): a rank may wait that long on storage while its peers wait for it")
+    for sec in ("train", "eval"):
+        for url in getattr(cfg.data, sec) or []:
+            if "://" not in url and not Path(url).exists():
+                p.append(f"data.{sec} ({url!r}) does not exist (a local manifest.json, folder of shards or .tar)")
     if cfg.checkpoint.resume not in ("none", "auto") and not Path(cfg.checkpoint.resume).is_dir():
         p.append(f"checkpoint.resume ({cfg.checkpoint.resume!r}) must be none, auto or an existing checkpoint directory")
     if cfg.model.dtype not in ("auto", "bf16", "fp32"):

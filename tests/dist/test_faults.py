@@ -188,3 +188,19 @@ def test_damaged_newest_checkpoint_falls_back_and_steps_stay_unique(demo):
     full, again = _train_losses(demo["full"]), _train_losses(work)
     for step in (4, 5, 6):
         assert again[step] == pytest.approx(full[step], abs=1e-5), step
+
+
+def test_a_refused_config_ends_every_rank_with_status_2_and_no_leftovers(demo):
+    """The real launcher with a bad value: each rank refuses it before any process group or model exists."""
+    log = demo["root"] / "bad_config.log"
+    t0 = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(train_cmd(demo["data"], demo["root"] / "bad_config", "--train.log_every", "0"),
+                                env=ENV, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        everything = [psutil.Process(proc.pid)]
+        took, status = _gone_within(everything, 60)
+    text = log.read_text()
+    assert status[proc.pid] == 2 and "train.log_every (0) must be >= 1" in text, text[-2000:]
+    leftovers = [p for p in psutil.process_iter(["cmdline"]) if str(demo["root"] / "bad_config") in " ".join(p.info["cmdline"] or [])]
+    assert not leftovers, [p.pid for p in leftovers]
+    print(f"refused config: launcher and ranks gone in {time.time() - t0:.1f} s, status 2")

@@ -61,13 +61,24 @@ def test_deepspeed_config_errors(tmp_path):
         prepare(["--deepspeed", str(tmp_path / "missing.json")], 1)
 
 
-def test_launcher_exits_2_with_message(tmp_path, capsys):
+@pytest.mark.parametrize("args,ds_extra,message", [
+    (["--mole.ep_size", "4"], {}, "mole.ep_size (4) must be <= world size (1)"),
+    (["--train.max_steps", "0"], {}, "train.max_steps (0) must be >= 1"),
+    (["--train.log_every", "0"], {}, "train.log_every (0) must be >= 1"),
+    (["--train.lr", "-0.001"], {}, "train.lr (-0.001) must be > 0"),
+    (["--checkpoint.every", "-1"], {}, "checkpoint.every (-1) must be >= 0"),
+    ([], {"zero_optimisation": {"stage": 3}}, "zero_optimisation ({'stage': 3}) is not a DeepSpeed key"),
+    (["--config", "/nonexistent/run.yaml"], {}, "--config (/nonexistent/run.yaml) does not exist"),
+    (["--data.train", "/nonexistent/manifest.json"], {}, "data.train ('/nonexistent/manifest.json') does not exist"),
+])
+def test_launcher_exits_2_with_message(tmp_path, capsys, args, ds_extra, message):
+    """What launchers/train.py does with a bad configuration, before any process group exists."""
     from mole_ds.train.launch import main
 
     p = tmp_path / "ds.json"
-    p.write_text(json.dumps(DS))
-    assert main(["--deepspeed", str(p), "--mole.ep_size", "4"]) == 2
-    assert "mole.ep_size (4) must be <= world size (1)" in capsys.readouterr().err
+    p.write_text(json.dumps({**DS, **ds_extra}))
+    assert main(["--deepspeed", str(p), *args]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_version_range_and_ep_checks():
