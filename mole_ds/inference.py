@@ -74,8 +74,10 @@ def load_base(base: str | Path, dtype: torch.dtype = torch.float32):
 
 
 def chat_format_of(extra: dict) -> str:
-    """The chat format the export was trained with (``extra["chat_format"]``), vicuna_v1 when not recorded."""
-    return extra.get("chat_format") or DEFAULT_CHAT_FORMAT
+    """The chat format the export was trained with: ``extra["chat_format"]``, else the training run config's
+    ``data.chat_format`` (recorded in every training checkpoint's consolidated file), else vicuna_v1."""
+    run_data = ((extra.get("run_config") or {}).get("data") or {}) if isinstance(extra.get("run_config"), dict) else {}
+    return extra.get("chat_format") or run_data.get("chat_format") or DEFAULT_CHAT_FORMAT
 
 
 def check_export_fits_base(state: dict[str, torch.Tensor], cfg: MoLEConfig, model: nn.Module,

@@ -264,3 +264,11 @@ def test_bad_chat_format_and_arguments(tiny, m):
         inference.generate(m, QUESTIONS[:2], IMAGES[:1])
     with pytest.raises(ValueError, match=r"continuation '' \(request 0\) has no tokens"):
         inference.loglikelihood(m, QUESTIONS[:1], [""], IMAGES[:1])
+
+
+def test_chat_format_is_read_from_a_training_checkpoints_run_config():
+    from mole_ds.inference import chat_format_of
+
+    assert chat_format_of({"run_config": {"data": {"chat_format": "template"}}}) == "template"
+    assert chat_format_of({"chat_format": "vicuna_v1", "run_config": {"data": {"chat_format": "template"}}}) == "vicuna_v1"
+    assert chat_format_of({}) == "vicuna_v1"
