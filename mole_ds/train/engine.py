@@ -15,7 +15,7 @@ from ..parallel import EPContext, create_expert_groups, is_expert_param, patch_m
 from ..parallel.deepspeed_compat import check_deepspeed_version, moe_marker, split_moe_param_groups
 from ..patching import PatchReport
 from .config import RunConfig
-from .model_loading import build_model, ds_stage, model_dtype, resolve_precision
+from .model_loading import build_model, cast_unpartitioned, ds_stage, model_dtype, resolve_precision
 
 def unfreeze_base(model: torch.nn.Module) -> PatchReport:
     """Full training of the LLM and projector (no MoLE); the vision tower stays frozen."""
@@ -125,8 +125,7 @@ def setup_training(cfg: RunConfig, ds: dict, total_steps: int | None = None,
     stage = ds_stage(ds)
     if ep is not None and stage in (1, 2):
         model.add_module("deepspeed_moe_marker", moe_marker(cfg.mole.num_experts, cfg.mole.ep_size))
-    if cfg.model.path is None:
-        model.to(model_dtype(cfg.model, ds))
+    cast_unpartitioned(model, model_dtype(cfg.model, ds))  # the new MoLE tensors; partitioned ones already are
     if prepare_model is not None:  # e.g. tests forcing a routing, before DeepSpeed partitions anything
         prepare_model(model)
     groups = param_groups(model, stage, cfg.mole.ep_size, cfg.train.weight_decay)
