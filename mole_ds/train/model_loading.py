@@ -188,7 +188,6 @@ def load_partitioned(path: str | Path, ds: dict, dtype: torch.dtype):
     Raises naming every parameter the checkpoint lacks. ``tests/dist/test_model_path.py`` checks the result
     against ``from_pretrained`` gathered tensor by tensor."""
     import deepspeed
-    import torch.distributed as dist
     from safetensors import safe_open
     from transformers import AutoConfig
 
@@ -211,12 +210,10 @@ def load_partitioned(path: str | Path, ds: dict, dtype: torch.dtype):
         model.tie_weights()
 
     key_of = checkpoint_key_map(model, files.keys())
-    handles: dict[Path, object] = {}
-
-    def open_(f: Path):
-        if f not in handles:
-            handles[f] = safe_open(str(f), framework="pt")
-        return handles[f]
+    # One safe_open per tensor: the file is memory-mapped while open and every page read stays in this
+    # process's resident set until it is unmapped, so a handle kept open would hold this rank's share of the
+    # whole checkpoint (file pages) on top of its partitions.
+    open_ = lambda f: safe_open(str(f), framework="pt")  # noqa: E731
 
     by_param: dict[int, list[str]] = {}
     params: dict[int, torch.nn.Parameter] = {}
@@ -232,35 +229,42 @@ def load_partitioned(path: str | Path, ds: dict, dtype: torch.dtype):
                 missing.append(names[0])
                 continue
             key = key_of[name]
-            sl = open_(files[key]).get_slice(key)
-            shape = list(sl.get_shape())
-            want = list(p.ds_shape) if hasattr(p, "ds_shape") else list(p.shape)
-            if shape != want:
-                raise ValueError(f"checkpoint tensor {key!r} has shape {shape}, the model's {name} {want}")
-            if not hasattr(p, "ds_tensor"):  # not partitioned (zero.Init skipped it): copy whole
-                p.data.copy_(_flat_range(sl, shape, 0, p.numel()).view_as(p).to(p.dtype))
-                continue
-            part = p.ds_tensor
-            size = part.numel()
-            rank = getattr(p, "ds_zero_partition_rank", None)
-            if rank is None:
-                rank = dist.get_rank(group=getattr(p, "ds_process_group", None))
-            start = rank * size
-            end = min(start + size, math.prod(shape))
-            if end > start:
-                part.data[:end - start].copy_(_flat_range(sl, shape, start, end).to(part.dtype))
+            with open_(files[key]) as f:
+                _load_partition(f.get_slice(key), p, key, name)
         loaded_buffers = set()
         for name, buf in model.named_buffers():
             if name in key_of and buf is not None:
                 key = key_of[name]
-                buf.copy_(open_(files[key]).get_tensor(key).to(buf.dtype))
+                with open_(files[key]) as f:
+                    buf.copy_(f.get_tensor(key).to(buf.dtype))
                 loaded_buffers.add(name)
-    handles.clear()
     _recompute_buffers(model, loaded_buffers)
     if missing:
         raise ValueError(f"model.path ({str(path)!r}): the checkpoint has no tensor for {len(missing)} "
                          f"parameter(s) of {cls.__name__}: {missing[:10]}")
     return model
+
+
+def _load_partition(sl, p, key: str, name: str) -> None:
+    """Copy this rank's flat range of checkpoint tensor ``key`` (a safetensors slice) into parameter ``p``."""
+    import torch.distributed as dist
+
+    shape = list(sl.get_shape())
+    want = list(p.ds_shape) if hasattr(p, "ds_shape") else list(p.shape)
+    if shape != want:
+        raise ValueError(f"checkpoint tensor {key!r} has shape {shape}, the model's {name} {want}")
+    if not hasattr(p, "ds_tensor"):  # not partitioned (zero.Init skipped it): copy whole
+        p.data.copy_(_flat_range(sl, shape, 0, p.numel()).view_as(p).to(p.dtype))
+        return
+    part = p.ds_tensor
+    size = part.numel()
+    rank = getattr(p, "ds_zero_partition_rank", None)
+    if rank is None:
+        rank = dist.get_rank(group=getattr(p, "ds_process_group", None))
+    start = rank * size
+    end = min(start + size, math.prod(shape))
+    if end > start:
+        part.data[:end - start].copy_(_flat_range(sl, shape, start, end).to(part.dtype))
 
 
 def _set_config_dtype(cfg, dtype: torch.dtype) -> None:
