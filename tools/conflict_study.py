@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """The LLaVA-MoLE domain-conflict experiment in miniature, trained in this process (see docs/conflict_study.md).
 
-    python tools/conflict_study.py --out runs/conflict_study              # the published study (2 CPU cores)
-    python tools/conflict_study.py --out /tmp/cq --quick                   # table variant, 2 seeds: minutes
+    python tools/conflict_study.py --out runs/conflict_study              # the published study (~23 min, 2 CPU cores)
+    python tools/conflict_study.py --out runs/cq --quick                   # table variant, 2 seeds: ~1 minute
     python tools/conflict_study.py --out runs/cs --variants rule --seeds 0 1 2 --attn-lora true
 
 Every arm (one LoRA per domain, LoRA on the mix, rank-matched LoRA, MoLE with each learned routing mode,
