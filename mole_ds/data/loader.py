@@ -134,11 +134,33 @@ class StreamingLoader:
             "domain_weights": self.cfg.domain_weights,
             "shards": self._fingerprint(),
             "positions": self.positions,
+            "epoch_steps": len(self),
         }
 
     def load_state_dict(self, sd: dict) -> None:
-        """Continue from a state_dict; the run must use the same layout (errors name the differing field)."""
+        """Continue from a state_dict; the run must use the same layout (errors name the differing field).
+
+        A state from another world size (elastic resume) is accepted only at an epoch boundary: the stream
+        position is recorded per rank and per worker, and the rank-to-sample assignment depends on the world
+        size, so mid-epoch there is no exact way to continue without repeating or skipping samples."""
         mine = self.state_dict()
+        if sd.get("world_size") != mine["world_size"]:
+            at_boundary = sd.get("steps") == 0 or (sd.get("epoch_steps") is not None
+                                                   and sd["steps"] >= sd["epoch_steps"])
+            if not at_boundary:
+                raise ValueError(
+                    f"data state was saved at world size {sd.get('world_size')} (now {mine['world_size']}) in the "
+                    f"middle of epoch {sd.get('epoch')} (batch {sd.get('steps')} of {sd.get('epoch_steps', '?')} per "
+                    "rank): the stream position is per rank, so a resize resumes exactly only at an epoch boundary. "
+                    "Resume with the original world size, or from a checkpoint taken at the end of an epoch")
+            bad = [f"{k} (checkpoint {sd.get(k)!r}, now {mine[k]!r})" for k in ("version", "seed", "domain_weights",
+                                                                               "shards") if sd.get(k) != mine[k]]
+            if bad:
+                raise ValueError("data state does not match this loader: " + "; ".join(bad))
+            done = sd.get("steps") != 0
+            self.epoch = sd["epoch"] + (1 if done else 0)
+            self.steps, self.positions = 0, [None] * self.cfg.workers_per_rank
+            return
         bad = [f"{k} (checkpoint {sd.get(k)!r}, now {mine[k]!r})"
                for k in ("version", "seed", "rank", "world_size", "num_workers", "batch_size", "domain_weights",
                          "shards") if sd.get(k) != mine[k]]

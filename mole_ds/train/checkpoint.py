@@ -160,22 +160,35 @@ def find_resume(resume: str, root: str | Path) -> Path | None:
     return path
 
 
-def check_topology(meta: dict, ep_size: int, world_size: int, num_experts: int, where: Path) -> None:
-    """Refuse a checkpoint whose expert layout this run cannot read, saying what to do instead."""
-    problems = []
+def check_topology(meta: dict, ep_size: int, world_size: int, num_experts: int, where: Path,
+                   zero_stage: int | None = None) -> bool:
+    """Whether a checkpoint resumes as written (True) or must be re-sliced to this run's layout (False, see
+    mole_ds.train.elastic); refuse, saying why and what to do instead, what cannot be resumed at all.
+
+    Re-slicing covers any world size and ep_size (each must divide the other as the run requires anyway) of a
+    ZeRO-1/2/3 checkpoint with the same experts; the number of experts cannot change (the trained experts are
+    the model), and a checkpoint without ZeRO partitions (stage 0) is re-sliced only when it has no experts
+    to move (ep_size 1 on both sides)."""
     if meta.get("num_experts") != num_experts:
-        problems.append(f"num_experts {meta.get('num_experts')} (this run: {num_experts})")
-    if meta.get("ep_size") != ep_size:
-        problems.append(f"ep_size {meta.get('ep_size')} (this run: {ep_size})")
-    if meta.get("world_size") != world_size:
-        problems.append(f"world size {meta.get('world_size')} (this run: {world_size})")
-    if problems:
         raise ValueError(
-            f"checkpoint {where} was written with " + ", ".join(problems) + ": DeepSpeed's partitioned optimizer "
-            "state is not re-sharded to another layout yet. Resume with the original layout; the trained weights "
-            f"are in {where / CONSOLIDATED} (tools/export.py turns them into an export or a PEFT adapter).")
-
-
+            f"checkpoint {where} was written with num_experts {meta.get('num_experts')} (this run: {num_experts}): "
+            "the number of experts cannot change on resume. The trained weights are in "
+            f"{where / CONSOLIDATED} (tools/consolidate.py rebuilds them from any checkpoint).")
+    same = meta.get("ep_size") == ep_size and meta.get("world_size") == world_size
+    if same:
+        return True
+    if num_experts % ep_size:
+        raise ValueError(f"checkpoint {where}: this run's ep_size {ep_size} does not divide num_experts {num_experts}")
+    has_partitions = any(where.glob("*zero_pp_rank_*_optim_states.pt"))
+    if not has_partitions and (meta.get("ep_size", 1) != 1 or ep_size != 1):
+        raise ValueError(f"checkpoint {where} was written with ep_size {meta.get('ep_size')} (this run: {ep_size}), "
+                         f"world size {meta.get('world_size')} (this run: {world_size}) and holds no ZeRO optimizer "
+                         "partitions to re-slice (stage 0): resume it with the original layout; the trained weights "
+                         f"are in {where / CONSOLIDATED} (tools/export.py turns them into an export or a PEFT adapter)")
+    print(f"[mole_ds] checkpoint {where} was written at world size {meta.get('world_size')}, ep_size "
+          f"{meta.get('ep_size')}; re-slicing weights and Adam state to world size {world_size}, ep_size {ep_size}",
+          file=sys.stderr, flush=True)
+    return False
 
 
 def save_training_checkpoint(engine, root: str | Path, step: int, client_state: dict, meta: dict, mole_config,
@@ -192,9 +205,19 @@ def save_training_checkpoint(engine, root: str | Path, step: int, client_state: 
 
 
 def load_checkpoint(engine, tag_dir: Path, ep_size: int, world_size: int, num_experts: int) -> dict:
-    """Load model, optimizer and scheduler state; returns the client state saved with it."""
+    """Load model, optimizer and scheduler state; returns the client state saved with it. A checkpoint of another
+    world size or ep_size is re-sliced to this run (mole_ds.train.elastic); the client state then carries
+    ``resharded_from``."""
     meta = json.loads((tag_dir / META).read_text())
-    check_topology(meta, ep_size, world_size, num_experts, tag_dir)
+    if not check_topology(meta, ep_size, world_size, num_experts, tag_dir):
+        from ..parallel.deepspeed_compat import expert_groups
+        from .elastic import load_resharded
+
+        ep_rank = expert_groups(ep_size)[3] if ep_size > 1 else 0
+        client = load_resharded(engine, tag_dir, ep_size, ep_rank)
+        # RNG: the streams of the old ranks do not map onto the new ones (another world size draws dropout
+        # masks for other micro-batches); the run keeps its seeded generators.
+        return {**client, "resharded_from": {"world_size": meta.get("world_size"), "ep_size": meta.get("ep_size")}}
     path, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if path is None:

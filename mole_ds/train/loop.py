@@ -104,8 +104,15 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def _meta(self) -> dict:
+        # "export_extra" and "param_dtype": what tools/consolidate.py needs to rebuild the tag's mole.safetensors
+        # (tensors and metadata) from the DeepSpeed files alone.
+        dtype = next((p.dtype for p in self.model.parameters() if p.requires_grad), torch.float32)
         return {"ep_size": self.cfg.mole.ep_size, "world_size": self.world, "num_experts": self.cfg.mole.num_experts,
-                "mole": self.cfg.mole.to_dict()}
+                "mole": self.cfg.mole.to_dict(), "param_dtype": str(dtype).removeprefix("torch."),
+                "export_extra": self._export_extra()}
+
+    def _export_extra(self) -> dict:
+        return {"base_model": self.base_model_path(), "run_config": self.cfg.to_dict(), "domains": self.domains}
 
     def base_model_path(self) -> str:
         return self.cfg.model.path or str((self.out / "base_model").resolve())
@@ -125,8 +132,7 @@ class Trainer:
         ep_group = self.setup.ep.ep_group if self.setup.ep is not None else None
         return save_training_checkpoint(self.engine, self.ckpt_root, self.step, client, self._meta(), self.cfg.mole,
                                         ep_group, keep=self.cfg.checkpoint.keep,
-                                        extra={"base_model": self.base_model_path(), "run_config": self.cfg.to_dict(),
-                                               "domains": self.domains})
+                                        extra=self._export_extra())
 
     def maybe_resume(self) -> None:
         tag = find_resume(self.cfg.checkpoint.resume, self.ckpt_root)
@@ -136,9 +142,20 @@ class Trainer:
         self.step = int(client["step"])
         self.loader.load_state_dict(client["data"])
         self.routing.counts = torch.tensor(client["routing"], dtype=torch.float64)
+        if "resharded_from" in client:
+            # Another world size: the counts are per rank (summed at the end), so rank 0 carries the old ranks'
+            # total and the others start at zero.
+            self.routing.counts = self._old_routing_total(tag) if self.rank == 0 else torch.zeros_like(self.routing.counts)
         self.metrics.truncate_after(self.step)  # steps after the checkpoint are re-run: their old records go
         if self.rank == 0:
             print(f"[mole_ds] resumed from {tag} at step {self.step}", flush=True)
+
+    @staticmethod
+    def _old_routing_total(tag: Path) -> torch.Tensor:
+        from ..consolidate import _load
+
+        files = sorted(tag.glob("zero_pp_rank_*_model_states.pt")) or sorted(tag.glob("mp_rank_*_model_states.pt"))
+        return sum(torch.tensor(_load(f)["routing"], dtype=torch.float64) for f in files)
 
     # -- evaluation ------------------------------------------------------------------------------------
     @torch.no_grad()
