@@ -204,3 +204,37 @@ def test_a_refused_config_ends_every_rank_with_status_2_and_no_leftovers(demo):
     leftovers = [p for p in psutil.process_iter(["cmdline"]) if str(demo["root"] / "bad_config") in " ".join(p.info["cmdline"] or [])]
     assert not leftovers, [p.pid for p in leftovers]
     print(f"refused config: launcher and ranks gone in {time.time() - t0:.1f} s, status 2")
+
+
+def test_sigterm_while_blocked_on_a_stuck_peer_exits_after_the_grace_period(demo):
+    """Rank 1 is frozen (SIGSTOP: alive, sockets open, so no collective fails); rank 0 blocks in a collective.
+    SIGTERM to rank 0 cannot run Python code there; the stop watchdog sees it anyway and ends rank 0 with
+    status 1 after train.stop_grace_s, with every thread's stack in its log."""
+    out = demo["root"] / "stuck_peer"
+    port = str(_free_port())
+    base = [str(PY), str(ROOT / "launchers/train.py")] + train_cmd(
+        demo["data"], out, "--train.max_steps", "100000", "--checkpoint.every", "0", "--train.stop_grace_s", "5")[6:]
+    procs, logs = [], []
+    try:
+        for rank in (0, 1):
+            env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+            logs.append(open(demo["root"] / f"stuck_peer_rank{rank}.log", "w"))
+            procs.append(subprocess.Popen(base, env=env, stdout=logs[-1], stderr=subprocess.STDOUT, cwd=ROOT,
+                                          start_new_session=True))
+        _wait_for_training(out, procs, demo["root"] / "stuck_peer_rank0.log")
+        os.kill(procs[1].pid, signal.SIGSTOP)
+        time.sleep(3)  # rank 0 is now waiting on rank 1 inside a collective
+        os.kill(procs[0].pid, signal.SIGTERM)
+        took, status = _gone_within([psutil.Process(procs[0].pid)], 60)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGCONT)
+                os.killpg(p.pid, signal.SIGKILL)
+        for f in logs:
+            f.close()
+    text = (demo["root"] / "stuck_peer_rank0.log").read_text()
+    assert status[procs[0].pid] == 1, (status, text[-2000:])
+    assert "SIGTERM: stopping at the next step boundary" in text and "Thread" in text, text[-2000:]
+    print(f"SIGTERM while blocked: rank 0 gone {took:.1f} s later (grace 5 s)")

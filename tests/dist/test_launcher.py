@@ -55,7 +55,10 @@ def test_run_writes_everything_a_person_reads(demo):
     assert any((out / "tensorboard").iterdir())
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["zero_stage"] == 3 and summary["ep_size"] == 2
-    assert set(summary["eval"]) >= {"loss/general", "loss/document", "loss/chart", "loss/all"}
+    assert set(summary["eval"]) >= {"loss/general", "loss/document", "loss/chart", "loss/all", "exact_match/general",
+                                    "exact_match/document", "exact_match/chart", "exact_match/all"}
+    assert all(0.0 <= v <= 1.0 for k, v in summary["eval"].items() if k.startswith("exact_match/"))
+    assert summary["data_stats"]["samples_read"] > 0 and summary["warnings"] == []
     evals = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in ln]
     assert [e["step"] for e in evals] == [3, 6]  # every 3 steps (the last doubles as the final evaluation)
     assert evals[0].keys() == evals[1].keys()
