@@ -76,7 +76,7 @@ class TrainSection:
     eval_every: int = 0
     """0 = evaluate only at the end."""
     eval_batches: int = 0
-    eval_exact_match_tokens: int = 16
+    eval_exact_match_tokens: int = 0
     """Per-domain exact match of greedy answers at each evaluation, decoding up to this many tokens (short-answer
     data); 0 = loss only."""
     """Held-out batches per rank per evaluation (0 = the whole held-out set)."""

@@ -30,7 +30,8 @@ def train_cmd(data: Path, out: Path, *overrides: str) -> list[str]:
             "--config", str(ROOT / "launchers/configs/demo.yaml"),
             "--data.train", str(data / "shards/train/manifest.json"), "--data.eval", str(data / "shards/eval/manifest.json"),
             "--data.num_workers", "1", "--train.output_dir", str(out), "--train.warmup_steps", "2",
-            "--train.log_every", "1", "--train.eval_every", "3", "--checkpoint.every", "3", *overrides]
+            "--train.log_every", "1", "--train.eval_every", "3", "--checkpoint.every", "3",
+            "--train.eval_exact_match_tokens", "8", *overrides]
 
 
 def run(cmd: list[str], log: Path) -> subprocess.CompletedProcess:
