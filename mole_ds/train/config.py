@@ -76,10 +76,10 @@ class TrainSection:
     eval_every: int = 0
     """0 = evaluate only at the end."""
     eval_batches: int = 0
+    """Held-out batches per rank per evaluation (0 = the whole held-out set)."""
     eval_exact_match_tokens: int = 0
     """Per-domain exact match of greedy answers at each evaluation, decoding up to this many tokens (short-answer
-    data); 0 = loss only."""
-    """Held-out batches per rank per evaluation (0 = the whole held-out set)."""
+    data); 0 = loss only (the default)."""
     output_dir: str = "runs/mole"
     seed: int = 0
     collective_timeout_s: float = 1800.0
