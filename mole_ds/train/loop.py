@@ -264,9 +264,10 @@ class Trainer:
         counts = self.routing.reduce()
         summary = self._summary(ckpt, last_eval, counts, step_times, time.perf_counter() - t_start,
                                 self.step - first_step, interrupted)
-        if self.rank == 0 and self.has_mole:
-            write_routing_report(counts, self.domains, self.out,
-                                 title=f"MoLE routing ({cfg.mole.num_experts} experts, step {self.step})")
+        if self.rank == 0:  # every run kind writes its summary; routing only where there is routing
+            if self.has_mole:
+                write_routing_report(counts, self.domains, self.out,
+                                     title=f"MoLE routing ({cfg.mole.num_experts} experts, step {self.step})")
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         self.close()
         return summary
