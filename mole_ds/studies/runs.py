@@ -5,9 +5,7 @@ the numbers include everything a user's run does: engine setup, data streaming, 
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import subprocess
 import sys
 import time
@@ -21,26 +19,11 @@ LAUNCHER = ROOT / "launchers" / "train.py"
 
 
 def study_env() -> dict[str, str]:
-    """CPU-friendly defaults (kept if the caller already set them): one thread per rank, offline, CPU accelerator
-    unless CUDA is present."""
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TRANSFORMERS_OFFLINE", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    # JIT-built DeepSpeed ops (the CPU shm comm op) in a cache of this interpreter's own: two virtualenvs sharing
-    # ~/.cache/torch_extensions rebuild the op for each other on every alternation (minutes each on a small CPU).
-    prefix = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions_by_prefix" / prefix))
-    try:
-        import torch
+    """The environment of a study's launches: mole_ds.train.env.launch_env's defaults (one thread per rank,
+    offline, a per-interpreter DeepSpeed op cache, the CPU accelerator unless CUDA is present)."""
+    from ..train.env import launch_env
 
-        if not torch.cuda.is_available():
-            env.setdefault("DS_ACCELERATOR", "cpu")
-    except ImportError:  # pragma: no cover
-        env.setdefault("DS_ACCELERATOR", "cpu")
-    return env
+    return launch_env()
 
 
 def release_shm(port: int) -> int:

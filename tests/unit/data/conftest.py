@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 
 import pytest
+from datagen import free_port, use_s3_endpoint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +17,7 @@ def s3_server():
     """Start moto's threaded S3 server on 127.0.0.1 for the session; yields its endpoint URL."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     yield f"http://127.0.0.1:{port}"
@@ -35,11 +29,7 @@ def s3_env(s3_server, monkeypatch):
     """Point boto3 at the local server; yields a fresh bucket URL prefix 's3://<bucket>'."""
     from mole_ds.data import storage
 
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    storage.reset_s3_client()
+    use_s3_endpoint(monkeypatch, s3_server)
     bucket = f"b-{uuid.uuid4().hex[:12]}"
     storage.s3_client().create_bucket(Bucket=bucket)
     yield f"s3://{bucket}"

@@ -5,10 +5,28 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import socket
 
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def use_s3_endpoint(monkeypatch, endpoint: str) -> None:
+    """Point boto3 (and mole_ds.data.storage's cached clients) at a local S3 server with test credentials."""
+    from mole_ds.data import storage
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    storage.reset_s3_client()
 
 
 def load_tool(name: str):

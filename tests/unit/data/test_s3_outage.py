@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from datagen import make_domain
+from datagen import free_port, make_domain, use_s3_endpoint
 from mole_ds.data import DataConfig, StorageError, build_loader, storage
 from mole_ds.data.sharding import ShardConfig, shard_dataset
 from mole_ds.data.skips import skipped_samples
@@ -26,18 +26,12 @@ from mole_ds.data.sources import DomainSource
 OUTAGE_S = 15
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def server(monkeypatch, tmp_path):
     """A moto S3 server process on 127.0.0.1 with one bucket of shards: 3 domains x 12 samples, 2 per shard."""
     exe = shutil.which("moto_server", path=str(Path(sys.executable).parent))
     assert exe, "moto_server is installed with moto[server] (a dev dependency)"
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 30
@@ -50,11 +44,7 @@ def server(monkeypatch, tmp_path):
     else:
         proc.kill()
         pytest.fail("moto_server did not start within 30 s")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    storage.reset_s3_client()
+    use_s3_endpoint(monkeypatch, f"http://127.0.0.1:{port}")
     bucket = f"b-{uuid.uuid4().hex[:12]}"
     storage.s3_client().create_bucket(Bucket=bucket)
     domains = [DomainSource(n, make_domain(tmp_path, n, 12), str(tmp_path / f"{n}_images"))
