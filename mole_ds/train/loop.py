@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from ..data import DataConfig, build_loader
+from ..inference import exact_match_batch
 from ..mole.collect import aux_losses, routing_counts_by_sample
 from ..parallel import all_to_all_bytes
 from ..patching import mole_layers
@@ -184,8 +185,6 @@ class Trainer:
                 sums[d, 1] += float(valid[b].sum())
             if em_tokens > 0:
                 # Greedy answers vs the first reference reply (every rank decodes in step: synced generation).
-                from ..inference import exact_match_batch
-
                 correct = exact_match_batch(self.model, self.setup.processor, batch, max_new_tokens=em_tokens)
                 for ok, d in zip(correct, dom):
                     sums[d, 2] += float(ok)
