@@ -143,12 +143,14 @@ def test_resume_equals_uninterrupted(runs, name):
     _assert_same_state(runs[name], runs[f"{name}_resumed"], atol=1e-6)
 
 
-def test_checkpoint_from_another_ep_size_is_refused(runs, tmp_path):
-    res = launch(2, tmp_path / "refused", "--stage", "3", "--ep", "1", "--resume", str(runs["z3_w2_ep2_ckpt"]),
-                 expect_ok=False)
+def test_checkpoint_with_other_num_experts_is_refused(runs, tmp_path):
+    # Another ep_size or world size is re-sliced (tests/dist/test_elastic.py); another number of experts is a
+    # different model and must be refused, naming both values and where the trained weights are.
+    res = launch(2, tmp_path / "refused", "--stage", "3", "--ep", "1", "--experts", "2",
+                 "--resume", str(runs["z3_w2_ep2_ckpt"]), expect_ok=False)
     assert res.returncode != 0
     text = res.stdout + res.stderr
-    assert "was written with ep_size 2 (this run: 1)" in text and "tools/export.py" in text
+    assert "was written with num_experts 4 (this run: 2)" in text and "tools/consolidate.py" in text
 
 
 def test_consolidated_export_reproduces_sharded_logits(runs):
