@@ -86,20 +86,27 @@ def test_kill9_one_rank_under_the_launcher_ends_every_process(demo):
     print(f"launcher: all {len(everything)} processes gone {took:.1f} s after kill -9 of rank 1")
 
 
+def _start_ranks_directly(demo, name: str, *overrides: str) -> tuple[list[subprocess.Popen], list]:
+    """Two ranks of launchers/train.py started as torchrun or srun would (env vars, no launcher watching them),
+    each logging to ``<name>_rank<r>.log``; returns (processes, open log files)."""
+    port = str(_free_port())
+    base = [str(PY), str(ROOT / "launchers/train.py")] + train_cmd(
+        demo["data"], demo["root"] / name, "--train.max_steps", "100000", "--checkpoint.every", "0", *overrides)[6:]
+    procs, logs = [], []
+    for rank in (0, 1):
+        env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        logs.append(open(demo["root"] / f"{name}_rank{rank}.log", "w"))
+        procs.append(subprocess.Popen(base, env=env, stdout=logs[-1], stderr=subprocess.STDOUT, cwd=ROOT,
+                                      start_new_session=True))
+    return procs, logs
+
+
 def test_kill9_one_rank_started_directly_ends_the_other(demo):
     """No launcher watches the ranks (torchrun/srun style): the survivor must notice and exit by itself."""
     out = demo["root"] / "kill_direct"
-    port = str(_free_port())
-    base = [str(PY), str(ROOT / "launchers/train.py")] + train_cmd(demo["data"], out, "--train.max_steps", "100000",
-                                                                   "--checkpoint.every", "0")[6:]
-    procs, logs = [], []
+    procs, logs = _start_ranks_directly(demo, "kill_direct")
     try:
-        for rank in (0, 1):
-            env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-            logs.append(open(demo["root"] / f"kill_direct_rank{rank}.log", "w"))
-            procs.append(subprocess.Popen(base, env=env, stdout=logs[-1], stderr=subprocess.STDOUT, cwd=ROOT,
-                                          start_new_session=True))
         _wait_for_training(out, procs, demo["root"] / "kill_direct_rank0.log")
         survivor = [psutil.Process(procs[0].pid)] + psutil.Process(procs[0].pid).children(recursive=True)
         procs[1].kill()
@@ -211,17 +218,8 @@ def test_sigterm_while_blocked_on_a_stuck_peer_exits_after_the_grace_period(demo
     SIGTERM to rank 0 cannot run Python code there; the stop watchdog sees it anyway and ends rank 0 with
     status 1 after train.stop_grace_s, with every thread's stack in its log."""
     out = demo["root"] / "stuck_peer"
-    port = str(_free_port())
-    base = [str(PY), str(ROOT / "launchers/train.py")] + train_cmd(
-        demo["data"], out, "--train.max_steps", "100000", "--checkpoint.every", "0", "--train.stop_grace_s", "5")[6:]
-    procs, logs = [], []
+    procs, logs = _start_ranks_directly(demo, "stuck_peer", "--train.stop_grace_s", "5")
     try:
-        for rank in (0, 1):
-            env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-            logs.append(open(demo["root"] / f"stuck_peer_rank{rank}.log", "w"))
-            procs.append(subprocess.Popen(base, env=env, stdout=logs[-1], stderr=subprocess.STDOUT, cwd=ROOT,
-                                          start_new_session=True))
         _wait_for_training(out, procs, demo["root"] / "stuck_peer_rank0.log")
         os.kill(procs[1].pid, signal.SIGSTOP)
         time.sleep(3)  # rank 0 is now waiting on rank 1 inside a collective

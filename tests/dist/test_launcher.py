@@ -21,7 +21,7 @@ pytestmark = pytest.mark.dist
 ROOT = Path(__file__).resolve().parents[2]
 PY = Path(sys.executable)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
-       "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+       "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
 
 def train_cmd(data: Path, out: Path, *overrides: str) -> list[str]:

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,24 +20,11 @@ import torch
 from safetensors.torch import load_file
 
 from tests.dist.test_expert_parallel import _free_port
+from tests.dist.test_launcher import ENV, PY, ROOT, run
 
 pytestmark = pytest.mark.dist
 
-ROOT = Path(__file__).resolve().parents[2]
-PY = Path(sys.executable)
 WORKER = Path(__file__).with_name("load_worker.py")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
-       "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-
-
-def run(cmd: list[str], log: Path) -> subprocess.CompletedProcess:
-    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900, cwd=ROOT)
-    log.write_text(res.stdout + res.stderr)
-    if res.returncode != 0:
-        errors = [ln for ln in (res.stdout + res.stderr).splitlines() if "Error" in ln and "File " not in ln]
-        pytest.fail(f"command failed ({res.returncode}), log {log}:\n" + "\n".join(errors[:20])
-                    + "\n--- tail ---\n" + (res.stdout + res.stderr)[-3000:])
-    return res
 
 
 def tiny_processor():
