@@ -77,9 +77,10 @@ class TrainSection:
     """0 = evaluate only at the end."""
     eval_batches: int = 0
     """Held-out batches per rank per evaluation (0 = the whole held-out set)."""
-    eval_exact_match_tokens: int = 0
+    eval_exact_match_tokens: int = 16
     """Per-domain exact match of greedy answers at each evaluation, decoding up to this many tokens (short-answer
-    data); 0 = loss only (the default)."""
+    data); 0 = loss only. Decoding is synced across ranks (and kept in step under ZeRO-3 when some ranks have
+    text-only batches)."""
     output_dir: str = "runs/mole"
     seed: int = 0
     collective_timeout_s: float = 1800.0

@@ -151,7 +151,11 @@ def kill_children(wait_s: float = 2.0) -> int:
         p.kill()
     end = time.monotonic() + wait_s
     for p in alive:
-        p.join(max(0.0, end - time.monotonic()))
+        try:
+            p.join(max(0.0, end - time.monotonic()))
+        except RuntimeError as exc:
+            # torch's SIGCHLD handler raises in this thread when it sees its DataLoader worker killed.
+            _log(f"teardown: {exc}")
     return len(alive)
 
 

@@ -9,7 +9,6 @@ import torch
 import torch.distributed as dist
 
 from ..data import DataConfig, build_loader
-from ..inference import exact_match_batch
 from ..mole.collect import aux_losses, routing_counts_by_sample
 from ..parallel import all_to_all_bytes
 from ..patching import mole_layers
@@ -17,7 +16,7 @@ from .checkpoint import find_resume, load_checkpoint, save_checkpoint, save_trai
 from .config import RunConfig
 from .engine import ds_stage, expert_bytes, setup_training
 from .faults import StopSignal
-from .step import forward, train_step
+from .step import exact_match_step, forward, train_step
 from .metrics import MetricsWriter, RoutingTracker, write_routing_report
 from .zero3 import VisionSync
 
@@ -185,7 +184,7 @@ class Trainer:
                 sums[d, 1] += float(valid[b].sum())
             if em_tokens > 0:
                 # Greedy answers vs the first reference reply (every rank decodes in step: synced generation).
-                correct = exact_match_batch(self.model, self.setup.processor, batch, max_new_tokens=em_tokens)
+                correct = exact_match_step(self.model, self.setup.processor, batch, em_tokens, self.vision_sync)
                 for ok, d in zip(correct, dom):
                     sums[d, 2] += float(ok)
                     sums[d, 3] += 1.0

@@ -153,6 +153,15 @@ def test_checkpoint_with_other_num_experts_is_refused(runs, tmp_path):
     assert "was written with num_experts 4 (this run: 2)" in text and "tools/consolidate.py" in text
 
 
+def test_exact_match_in_step_when_one_rank_has_no_image(runs):
+    # ZeRO-3, 4 ranks: rank 0 decodes a text-only batch while ranks 1-3 encode images; the run would stop on
+    # the worker's collective timeout if rank 0's fetches fell out of step (generate() encodes images once,
+    # before prefill, so VisionSync's per-forward blank image would add a vision pass at every decoding step).
+    em = [json.loads((runs["z3_w4_ep2"] / f"em_rank{r}.json").read_text()) for r in range(4)]
+    assert [e["images"] for e in em] == [0, 2, 2, 2]
+    assert all(len(e["correct"]) == 2 and all(isinstance(c, bool) for c in e["correct"]) for e in em)
+
+
 def test_consolidated_export_reproduces_sharded_logits(runs):
     from transformers import LlavaForConditionalGeneration
 

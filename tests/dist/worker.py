@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import deepspeed
@@ -23,7 +24,8 @@ from mole_ds.train.checkpoint import find_resume, load_checkpoint, save_training
 from mole_ds.train.shm import release_own_shm_buffer
 from mole_ds.train.config import ModelSection, RunConfig, TrainSection
 from mole_ds.train.engine import setup_training
-from mole_ds.train.step import train_step
+from mole_ds.train.step import exact_match_step, train_step
+from mole_ds.train.zero3 import VisionSync
 
 GLOBAL_BATCH = 4
 TEXT_TOKENS = 12
@@ -38,6 +40,20 @@ def make_batch(step: int, vocab: int, image_token: int, n_img: int) -> dict:
     labels[:, :1 + n_img] = -100  # every sample has the same number of supervised tokens
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
             "pixel_values": torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g)}
+
+
+def make_em_batch(rank: int, vocab: int, image_token: int, n_img: int) -> dict:
+    """Two held-out samples for exact match: text-only on rank 0, with images on the other ranks."""
+    g = torch.Generator().manual_seed(2000 + rank)
+    n = 0 if rank == 0 else n_img
+    ids = torch.randint(5, vocab, (2, 1 + n + TEXT_TOKENS), generator=g)
+    ids[ids == image_token] = 5
+    ids[:, 0] = 1
+    ids[:, 1:1 + n] = image_token
+    labels = ids.clone()
+    labels[:, :1 + n + TEXT_TOKENS // 2] = -100
+    pixels = torch.randn(2, 3, 32, 32, generator=g) if n else torch.empty(0, 3, 32, 32)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "pixel_values": pixels}
 
 
 def main() -> None:
@@ -56,7 +72,8 @@ def main() -> None:
     ap.add_argument("--export", action="store_true")
     args = ap.parse_args()
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    # A collective that waits longer than this is a hang: fail the run rather than the test's timeout.
+    deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=180))
     release_own_shm_buffer()
     rank, world = dist.get_rank(), dist.get_world_size()
     out = Path(args.out)
@@ -145,6 +162,12 @@ def main() -> None:
             hook.remove()
         torch.save(logits.detach().cpu(), out / f"logits_rank{rank}.pt")
         torch.save(io, out / f"mlp0_io_rank{rank}.pt")
+        # Exact match at evaluation, every rank decoding in step, rank 0's batch text-only: under ZeRO-3 its
+        # parameter fetches must stay in step with the ranks that encode images (else a deadlock).
+        sync = VisionSync(model) if args.stage == 3 else None
+        em = make_em_batch(rank, vocab, image_token, n_img)
+        correct = exact_match_step(model, setup.processor, em, 4, sync)
+        (out / f"em_rank{rank}.json").write_text(json.dumps({"correct": correct, "images": int(em["pixel_values"].shape[0])}))
     if rank == 0:
         from safetensors.torch import save_file
 

@@ -105,3 +105,22 @@ def test_bf16_and_unaligned_shapes_match_loop(rank, hidden):
     torch.testing.assert_close(ya, yb, rtol=2e-2, atol=2e-2)
     for name in ("experts.gate_A", "experts.down_B", "input"):
         torch.testing.assert_close(ga[name].float(), gb[name].float(), rtol=5e-2, atol=5e-2, msg=name)
+
+
+def test_one_row_with_degenerate_strides_matches_per_group_matmul():
+    # A decoding step routes one row: it can arrive as a [1, I] view whose size-1 dimension has stride 1,
+    # "contiguous" to torch but refused by grouped_mm ("strides should be multiple of 16 bytes").
+    from mole_ds.mole.dispatch.torch_grouped import grouped_matmul
+
+    x = torch.randn(32, 1).t().requires_grad_()
+    assert x.is_contiguous() and x.stride() == (1, 1)
+    w = torch.randn(3, 32, 8, requires_grad=True)
+    counts = torch.tensor([0, 1, 0])
+    y = grouped_matmul(x, w, counts)
+    (y * torch.arange(8.0)).sum().backward()
+    ref_x, ref_w = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = ref_x @ ref_w[1]
+    (ref * torch.arange(8.0)).sum().backward()
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(x.grad, ref_x.grad)
+    torch.testing.assert_close(w.grad, ref_w.grad)

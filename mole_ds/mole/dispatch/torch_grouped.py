@@ -7,10 +7,23 @@ import torch.nn.functional as F
 from .base import Backend, scatter_rows, sort_plan
 
 
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with row-major strides. ``contiguous()`` is not enough for grouped_mm, which checks every stride
+    for 16-byte alignment: a dimension of size 1 may carry any stride and still count as contiguous (one
+    routed row in a decoding step arrives as a [1, I] view with strides (1, 1))."""
+    expected, step = [], 1
+    for n in reversed(t.shape):
+        expected.append(step)
+        step *= n
+    if t.stride() == tuple(reversed(expected)):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
     # grouped_mm's backward rejects non-contiguous upstream gradients (e.g. from expand/sum).
     if t.requires_grad:
-        t.register_hook(lambda g: g.contiguous())
+        t.register_hook(_row_major)
     return t
 
 
@@ -31,7 +44,7 @@ def grouped_matmul(x_RI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tens
         outs = [x @ w for x, w in zip(torch.split(x_RI, counts_E.tolist()), w_EIO.unbind(0))]
         return torch.cat(outs, 0)
     offs = torch.cumsum(counts_E, 0).to(torch.int32)
-    return _contiguous_grad(F.grouped_mm(x_RI.contiguous(), w_EIO, offs=offs))
+    return _contiguous_grad(F.grouped_mm(_row_major(x_RI), w_EIO, offs=offs))
 
 
 class TorchGroupedBackend(Backend):
