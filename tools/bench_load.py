@@ -1,7 +1,8 @@
 """Peak host memory per rank while a ZeRO-3 run loads its base model: whole on every rank vs partitioned.
 
 Builds locally (no download) a LLaVA stand-in shaped like a hub checkpoint: a CLIP ViT-B/16 vision tower
-(768 x 12 layers, 224 px), a Llama LLM of hidden 1024 x 8 layers and vocab 32064 (~254M parameters in all),
+(768 x 12 layers, 224 px), a Llama LLM of hidden 1024 x 8 layers (``--llm-layers``) and vocab 32064 (~254M
+parameters in all),
 saved with ``save_pretrained`` in bf16 (sharded safetensors) under a temporary directory. Then, for each
 loading mode, starts ``--ranks`` real DeepSpeed ranks (CPU, gloo) that load it, patch MoLE and run
 ``deepspeed.initialize`` under ZeRO-3, each recording its peak resident set (``VmHWM``) after start-up
@@ -43,25 +44,25 @@ def vm_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def standin_config():
-    """LLaVA-1.5 layout at a benchmarkable size: CLIP ViT-B/16 tower, Llama 1024 x 8, vocab 32064."""
+def standin_config(llm_layers: int = 8):
+    """LLaVA-1.5 layout at a benchmarkable size: CLIP ViT-B/16 tower, Llama 1024 x ``llm_layers``, vocab 32064."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     vision = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                               image_size=224, patch_size=16, projection_dim=512)
-    text = LlamaConfig(vocab_size=32064, hidden_size=1024, intermediate_size=2752, num_hidden_layers=8,
+    text = LlamaConfig(vocab_size=32064, hidden_size=1024, intermediate_size=2752, num_hidden_layers=llm_layers,
                        num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096, pad_token_id=0)
     return LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000, vision_feature_layer=-2,
                        vision_feature_select_strategy="default", projector_hidden_act="gelu")
 
 
-def build_standin(out: Path) -> dict:
+def build_standin(out: Path, llm_layers: int = 8) -> dict:
     """Save the stand-in in bf16 (random weights, 200 MB shards) to ``out``; its parameter count and bytes."""
     import torch
     from transformers import LlavaForConditionalGeneration
 
     torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(standin_config()).to(torch.bfloat16)
+    model = LlavaForConditionalGeneration(standin_config(llm_layers)).to(torch.bfloat16)
     n = sum(p.numel() for p in model.parameters())
     model.save_pretrained(out, max_shard_size="200MB")
     del model
@@ -160,6 +161,9 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {MODES}")
     ap.add_argument("--dtypes", default="bf16", help="training precision(s): bf16, fp32 (comma-separated)")
+    ap.add_argument("--llm-layers", type=int, default=8,
+                    help="Llama layers of the stand-in (8: 254M parameters; each layer adds 12.6M): run two sizes "
+                         "to see which part of the peak grows with the model")
     ap.add_argument("--out-json", default="bench_load.json")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
@@ -176,7 +180,7 @@ def main() -> None:
         raise SystemExit(f"--modes: unknown {bad}; choose from {MODES}")
     with tempfile.TemporaryDirectory(prefix="bench_load_") as tmp:
         work = Path(tmp)
-        info = build_standin(work / "model")
+        info = {**build_standin(work / "model", args.llm_layers), "llm_layers": args.llm_layers}
         results = {}
         for dtype in args.dtypes.split(","):
             for mode in modes:
