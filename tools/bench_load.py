@@ -2,8 +2,7 @@
 
 Builds locally (no download) a LLaVA stand-in shaped like a hub checkpoint: a CLIP ViT-B/16 vision tower
 (768 x 12 layers, 224 px), a Llama LLM of hidden 1024 x 8 layers (``--llm-layers``) and vocab 32064 (~254M
-parameters in all),
-saved with ``save_pretrained`` in bf16 (sharded safetensors) under a temporary directory. Then, for each
+parameters in all), saved with ``save_pretrained`` in bf16 (sharded safetensors) under a temporary directory. Then, for each
 loading mode, starts ``--ranks`` real DeepSpeed ranks (CPU, gloo) that load it, patch MoLE and run
 ``deepspeed.initialize`` under ZeRO-3, each recording its peak resident set (``VmHWM``) after start-up
 (imports), after loading and after ``deepspeed.initialize``:
