@@ -55,7 +55,8 @@ class Workload:
     param_bytes: int = 4
     """2 for bf16, 4 for fp32 (activations and gradients use the same)."""
     optim_bytes_per_param: int = 8
-    """Adam: 8 (two fp32 moments) in fp32 training, 12 with a bf16 model (+ fp32 master copy)."""
+    """Adam: two fp32 moments (8) plus the fp32 master partition (4) that DeepSpeed's ZeRO optimizers keep at any
+    stage >= 1, fp32 training included (tools/bench_ep.py measures 12); 8 only for plain fp32 Adam (stage 0)."""
     persistence_threshold: int = 100_000
     """ZeRO-3 stage3_param_persistence_threshold (DeepSpeed's default 1e5)."""
     ranks_per_node: int = 0
@@ -248,7 +249,7 @@ def workload_from(model_dims: dict, mole, ds: dict, world_size: int, seq_len: in
         rank=mole.rank, num_experts=mole.num_experts, world_size=world_size, top_k=mole.top_k,
         dense=mole.routing == "dense", weighted_rows=mole.routing in ("weighted", "st"),
         micro_steps=int(ds.get("gradient_accumulation_steps", 1)), zero_stage=int(zero.get("stage", 0)),
-        param_bytes=2 if bf16 else 4, optim_bytes_per_param=12 if bf16 else 8,
+        param_bytes=2 if bf16 else 4, optim_bytes_per_param=12 if bf16 or int(zero.get("stage", 0)) >= 1 else 8,
         persistence_threshold=int(zero.get("stage3_param_persistence_threshold", 100_000)))
 
 

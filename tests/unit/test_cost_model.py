@@ -78,3 +78,17 @@ def test_presets():
     assert cm.Link.preset("h100_nvlink_ib400").beta_inter_Bps == 40e9
     with pytest.raises(ValueError, match=r"link preset \('x'\) must be one of"):
         cm.Link.preset("x")
+
+
+@pytest.mark.parametrize("stage,bf16,expected", [(0, False, 8), (0, True, 12), (2, False, 12), (3, False, 12),
+                                                 (3, True, 12)])
+def test_optimizer_bytes_per_param_follow_what_deepspeed_keeps(stage, bf16, expected):
+    # Any ZeRO stage keeps an fp32 weight partition next to Adam's two moments, fp32 training included
+    # (deepspeed_compat.optimizer_state_bytes counts it; tools/bench_ep.py measures 12 B/param).
+    from mole_ds import MoLEConfig
+
+    ds = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16}}
+    w = cm.workload_from({"hidden": 64, "intermediate": 128, "layers": 2}, MoLEConfig(num_experts=4, rank=8), ds,
+                         world_size=2, seq_len=64)
+    assert w.optim_bytes_per_param == expected and w.param_bytes == (2 if bf16 else 4)
+    assert w.tokens_per_rank == 128 and w.zero_stage == stage
