@@ -214,6 +214,8 @@ class Trainer:
         self.engine.train()
         t_start = time.perf_counter()
         first_step = self.step
+        last_logged = self.step
+        all_to_all_bytes(self.model)  # count from this run's first step
         end = cfg.train.max_steps if cfg.train.run_steps <= 0 else min(cfg.train.max_steps, self.step + cfg.train.run_steps)
         last_eval: dict = {}
         step_times: list[float] = []
@@ -235,9 +237,12 @@ class Trainer:
                     load = float(counts.max() / counts.mean().clamp_min(1e-9)) if counts.sum() > 0 else 0.0
                     balance = float(aux_losses(self.model)["balance"].detach())
                 loss, aux = rec_step.global_means()
+                # Expert all-to-all bytes to other ranks: per step, averaged over the steps since the last record.
+                a2a = {k: v / max(1, self.step - last_logged) for k, v in all_to_all_bytes(self.model).items()}
+                last_logged = self.step
                 rec = {"loss": loss, "aux_loss": aux, "balance": balance,
                        "lr": self.setup.scheduler.get_last_lr()[0], "tokens_per_s": rec_step.tokens * self.world / dt,
-                       "step_s": dt, "expert_load_max_over_mean": load, **all_to_all_bytes(self.model)}
+                       "step_s": dt, "expert_load_max_over_mean": load, **a2a}
                 self.metrics.log(self.step, "train", rec)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", aux=f"{rec['aux_loss']:.4f}",
                                 tok_s=f"{rec['tokens_per_s']:.0f}", load=f"{load:.2f}")
@@ -245,6 +250,7 @@ class Trainer:
             if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
                 last_eval = self.evaluate()
                 self.metrics.log(self.step, "eval", last_eval)
+                all_to_all_bytes(self.model)  # evaluation traffic is not training traffic: drop it
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < end:
                 self.save()
             if stop.agreed():

@@ -63,6 +63,14 @@ def test_run_writes_everything_a_person_reads(demo):
     evals = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in ln]
     assert [e["step"] for e in evals] == [3, 6]  # every 3 steps (the last doubles as the final evaluation)
     assert evals[0].keys() == evals[1].keys()
+    # Expert all-to-all bytes are per training step: the record after an evaluation (step 4) carries no
+    # evaluation traffic (the whole held-out set, many times a training batch).
+    trains = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+              if r["kind"] == "train"}
+    fwd = {k: r["a2a_bytes_fwd"] for k, r in trains.items()}
+    assert sorted(fwd) == [1, 2, 3, 4, 5, 6] and all(v > 0 for v in fwd.values()), fwd
+    others = sorted(v for k, v in fwd.items() if k != 4)
+    assert fwd[4] <= 3 * others[len(others) // 2], fwd
     routing = json.loads((out / "routing.json").read_text())
     assert routing["domains"] == ["chart", "document", "general"] and len(routing["layers"]) == 2
     assert "=== mole_ds run summary ===" in demo["full_out"]
