@@ -1,4 +1,5 @@
-"""Two "nodes" on one machine: torchrun --nnodes 2 --node_rank 0/1, one rank each, over the loopback interface.
+"""Two "nodes" on one machine, one rank each, over the loopback interface: torchrun --nnodes 2 --node_rank 0/1,
+and the deepspeed runner with a hostfile and --no_ssh --node_rank 0/1 (as docs/multinode.md shows).
 
 * Training (``launchers/train.py``, ZeRO-3, ep_size 2 spanning the two nodes) reproduces the single-node
   2-rank run step by step, and both nodes write into one shared checkpoint directory that the single-node
@@ -34,14 +35,21 @@ def _fail(what: str, logs: list[Path], rc) -> None:
     pytest.fail(f"{what} failed ({rc}):\n{text}")
 
 
-def two_nodes(script: list[str], root: Path, name: str) -> None:
-    """Start node 0 and node 1 (one process each) as two torchrun invocations that meet at one address."""
+def two_nodes(script: list[str], root: Path, name: str, launcher: str = "torchrun") -> None:
+    """Start node 0 and node 1 (one process each) as two launcher invocations that meet at one address:
+    ``torchrun``, or ``deepspeed`` with a two-host hostfile and ``--no_ssh --node_rank``."""
     port = _free_port()
+    hostfile = root / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     procs, logs = [], []
     for node in (0, 1):
         log = root / f"{name}_node{node}.log"
-        cmd = [str(TORCHRUN), "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
-               "--master_addr", "127.0.0.1", "--master_port", str(port), *script]
+        if launcher == "torchrun":
+            cmd = [str(TORCHRUN), "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
+                   "--master_addr", "127.0.0.1", "--master_port", str(port), *script]
+        else:
+            cmd = [str(PY.with_name("deepspeed")), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
+                   "--master_addr", "127.0.0.1", "--master_port", str(port), *script]
         procs.append(subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT))
         logs.append(log)
     rcs = [p.wait(timeout=900) for p in procs]
@@ -74,11 +82,13 @@ def runs(tmp_path_factory):
         _fail("single-node run", [log], res.returncode)
     multi = root / "multi"
     two_nodes(train_args(data, multi), root, "train")
+    multi_ds = root / "multi_ds"
+    two_nodes(train_args(data, multi_ds), root, "train_ds", launcher="deepspeed")
     ids = root / "ids"
     ids.mkdir()
     two_nodes([str(DATA_WORKER), "--manifest", str(data / "shards/train/manifest.json"), "--out", str(ids)],
               root, "data")
-    return {"root": root, "data": data, "single": single, "multi": multi, "ids": ids}
+    return {"root": root, "data": data, "single": single, "multi": multi, "multi_ds": multi_ds, "ids": ids}
 
 
 def _train_losses(out: Path) -> dict[int, float]:
@@ -86,13 +96,15 @@ def _train_losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
 
 
-def test_two_nodes_match_one_node(runs):
-    single, multi = _train_losses(runs["single"]), _train_losses(runs["multi"])
+@pytest.mark.parametrize("name", ["multi", "multi_ds"])  # torchrun; deepspeed --hostfile --no_ssh
+def test_two_nodes_match_one_node(runs, name):
+    single, multi = _train_losses(runs["single"]), _train_losses(runs[name])
     assert sorted(single) == sorted(multi) == list(range(1, STEPS + 1))
     for step in single:
         assert multi[step] == pytest.approx(single[step], abs=1e-5), step
-    summary = json.loads((runs["multi"] / "summary.json").read_text())
+    summary = json.loads((runs[name] / "summary.json").read_text())
     assert summary["steps"] == STEPS and summary["ep_size"] == 2 and summary["zero_stage"] == 3
+    assert summary["world_size"] == 2
 
 
 def test_one_shared_checkpoint_directory(runs):
