@@ -27,6 +27,8 @@ class VisionSync:
         self.shape = (1, vc.num_channels if hasattr(vc, "num_channels") else 3, vc.image_size, vc.image_size)
         self.text_only = False
         self.once = False
+        # transformers' generate() encodes images before prefill when the forward takes mm_encoder_outputs.
+        self.encodes_before_prefill = "mm_encoder_outputs" in inspect.signature(model.forward).parameters
         self.llava.get_input_embeddings().register_forward_hook(self._hook)
 
     def _blank_features(self, dtype: torch.dtype, device) -> torch.Tensor:
@@ -54,7 +56,7 @@ class VisionSync:
         self.once = False
         if not text_only:
             self.text_only = False
-        elif "mm_encoder_outputs" in inspect.signature(self.model.forward).parameters:
+        elif self.encodes_before_prefill:
             self.text_only = False
             p = next(self.model.parameters())
             with torch.no_grad():

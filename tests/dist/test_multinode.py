@@ -40,7 +40,8 @@ def two_nodes(script: list[str], root: Path, name: str, launcher: str = "torchru
     ``torchrun``, or ``deepspeed`` with a two-host hostfile and ``--no_ssh --node_rank``."""
     port = _free_port()
     hostfile = root / "hostfile"
-    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    if launcher == "deepspeed":
+        hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     procs, logs = [], []
     for node in (0, 1):
         log = root / f"{name}_node{node}.log"
