@@ -4,7 +4,8 @@ Training entry point::
 
     loader = build_loader(DataConfig(urls="s3://bucket/prefix/", batch_size=8), processor)
     for batch in loader: ...                 # keys: see mole_ds.data.collate
-    ckpt["data"] = loader.state_dict(); loader.load_state_dict(ckpt["data"])
+    ckpt["data"] = merge_states(all_ranks(loader.state_dict()))   # the run's position, any world size
+    loader.load_state_dict(ckpt["data"])
     loader.stats                             # skip / fault counters of this rank (names: STAT_KEYS)
 
 Prompts (training, generation, evaluation): ``build_prompt`` / ``render_training`` in mole_ds.data.chat.
@@ -19,7 +20,7 @@ from mole_ds.data.conversation import (
     encode_conversation,
     render_prompt,
 )
-from mole_ds.data.loader import StreamingLoader, build_loader, check_max_length
+from mole_ds.data.loader import StreamingLoader, build_loader, check_max_length, merge_states
 from mole_ds.data.manifest import expand_urls, load_manifest
 from mole_ds.data.sharding import ShardConfig, shard_dataset
 from mole_ds.data.skips import STAT_KEYS, DataStreamError, check_skip_fraction, format_counts
@@ -31,6 +32,6 @@ __all__ = [
     "CHAT_FORMATS", "ChatTemplateError", "DataConfig", "DataStreamError", "DomainSource", "RetryPolicy",
     "STAT_KEYS", "ShardConfig", "StorageError", "StreamingLoader", "SYSTEM_PROMPT", "TokenizationMismatchError",
     "build_loader", "build_prompt", "check_max_length", "check_skip_fraction", "encode_conversation",
-    "expand_urls", "format_counts", "load_manifest", "model_inputs", "open_url", "register_webdataset_schemes",
+    "expand_urls", "format_counts", "load_manifest", "merge_states", "model_inputs", "open_url", "register_webdataset_schemes",
     "render_prompt", "render_training", "shard_dataset", "tokenize_prompt", "verify",
 ]

@@ -23,8 +23,13 @@ class DataConfig:
     shuffle_buffer: samples held by each stream's shuffle buffer (0 = no sample shuffle).
     domain_weights: None = "exact" epochs (every sample once per epoch, natural domain mix); a mapping
         {domain: weight} = weighted mixing with resampling (weights are normalised; domains not listed are unused).
-    samples_per_epoch: samples per rank per epoch.  Mixing mode: default = all samples / world size.
-        Exact mode: must stay None (derived from the shards so that every sample is seen).
+    samples_per_epoch: samples per epoch over all ranks.  Mixing mode: default = all samples of the weighted
+        domains.  Exact mode: must stay None (derived from the shards so that every sample is seen).
+    streams: number of streams, the unit of reading and of the resume position (see mole_ds.data.pipeline):
+        each rank owns streams / world_size of them, and every step takes batch_size * world_size / streams
+        samples from each.  A checkpoint resumes exactly, mid-epoch included, on any world size that divides
+        it (with a per-rank batch size that divides into its streams).  None = world_size * num_workers
+        (reduced to divide the batch); set it to a multiple of every world size the run may move to.
     process_images: run the image processor (False: images are only decoded, for benchmarking).
     domain_names: fixed order of domain names -> integer ids in batches (default: weights order, else sorted).
     chat_format: prompt format of training (and of generation, see mole_ds.data.chat): 'vicuna_v1' (LLaVA-1.5)
@@ -49,6 +54,7 @@ class DataConfig:
     shuffle_buffer: int = 1000
     domain_weights: dict[str, float] | None = None
     samples_per_epoch: int | None = None
+    streams: int | None = None
     process_images: bool = True
     domain_names: list[str] | None = field(default=None)
     chat_format: str = "vicuna_v1"
@@ -86,6 +92,8 @@ class DataConfig:
                 p.append(f"domain_weights ({self.domain_weights}) must have a positive sum")
         elif self.samples_per_epoch is not None:
             p.append(f"samples_per_epoch ({self.samples_per_epoch}) is only for mixing mode (domain_weights set)")
+        if self.streams is not None and self.streams < 1:
+            p.append(f"streams ({self.streams}) must be >= 1, or None")
         if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
             p.append(f"samples_per_epoch ({self.samples_per_epoch}) must be >= 1")
         if p:

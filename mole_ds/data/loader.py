@@ -1,14 +1,15 @@
 """The training-facing loader: a DataLoader over StreamingDataset with a resumable position.
 
-Why the position is per worker: a DataLoader hands out batches from its workers in strict rotation, and every
-worker yields the same number of batches per epoch, so recording, per worker, the stream position after the
-last batch *handed to the trainer* pins down exactly which samples were consumed.  Prefetched batches that
-were never handed out are not counted, so they are produced again after a resume.
+Why the position is per stream: every step takes the same number of samples from every stream (see
+mole_ds.data.pipeline), so recording, per stream, the raw-stream position after the last batch *handed to the
+trainer* pins down exactly which samples were consumed, whatever the world size.  Prefetched items that were
+never handed out are not counted, so they are produced again after a resume.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 from collections import Counter
@@ -17,17 +18,17 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader
 
-from mole_ds.data.collate import image_expansion
+from mole_ds.data.collate import collate, image_expansion
 from mole_ds.data.config import DataConfig
 from mole_ds.data.conversation import IGNORE_INDEX, TokenizationMismatchError, encode_conversation
 from mole_ds.data.manifest import ShardInfo, expand_urls
-from mole_ds.data.pipeline import StreamingDataset
+from mole_ds.data.pipeline import StreamingDataset, check_layout, default_streams
 from mole_ds.data.skips import MIN_SAMPLES_FOR_FRACTION, DataStreamError, check_skip_fraction
 from mole_ds.data.storage import RetryPolicy, StorageError
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -89,10 +90,14 @@ class StreamingLoader:
     domain_ids, domains, ids.  ``stats`` (a Counter, i.e. a plain dict of ints) accumulates the skip and
     fault counters of all DataLoader workers of this rank (names: mole_ds.data.skips.STAT_KEYS).
     Raises DataStreamError / StorageError / TokenizationMismatchError when the stream cannot go on.
+
+    Position: ``state_dict()`` holds this rank's streams; :func:`merge_states` joins the states of all ranks
+    into the run's position, which ``load_state_dict`` resumes on any world size dividing ``data.streams``.
     """
 
     def __init__(self, cfg: DataConfig, processor, rank: int | None = None, world_size: int | None = None):
         self.cfg = cfg
+        self.processor = processor
         self.rank, self.world_size = resolve_rank(rank, world_size)
         self.policy = RetryPolicy(timeout_s=cfg.storage_timeout_s)
         self.shards = expand_urls(cfg.urls, self.policy)
@@ -106,12 +111,24 @@ class StreamingLoader:
         else:
             names = sorted({s.domain for s in self.shards if s.domain})
         self.domain_names = names
-        self.dataset = StreamingDataset(cfg, self.shards, processor, self.rank, self.world_size, names)
+        streams = cfg.streams or default_streams(self.world_size, cfg.batch_size, cfg.workers_per_rank)
+        self.dataset = self._dataset(streams)
         self.epoch = 0
         self.steps = 0  # batches handed out in the current epoch
-        self.positions: list[dict | None] = [None] * cfg.workers_per_rank
+        self.positions: dict[int, dict] = {}
         self.stats: Counter = Counter()
         self._warned = False
+
+    def _dataset(self, streams: int) -> StreamingDataset:
+        why = check_layout(streams, self.world_size, self.cfg.batch_size)
+        if why:
+            raise ValueError(why + " (set data.streams to a multiple of every world size the run may use)")
+        return StreamingDataset(self.cfg, self.shards, self.processor, self.rank, self.world_size,
+                                self.domain_names, streams)
+
+    @property
+    def streams(self) -> int:
+        return self.dataset.V
 
     def __len__(self) -> int:
         return self.dataset.steps_per_epoch
@@ -120,62 +137,74 @@ class StreamingLoader:
         return [len(self.shards), self.shards[0].url, self.shards[-1].url]
 
     def state_dict(self) -> dict:
-        """A small json-able position: store it in the checkpoint."""
+        """A small json-able position of this rank's streams (merge the ranks' with :func:`merge_states`)."""
         return {
             "version": STATE_VERSION,
             "epoch": self.epoch,
             "steps": self.steps,
-            "samples_consumed": self.steps * self.cfg.batch_size,
+            "streams": self.streams,
+            "per_stream_per_step": self.dataset.c,
+            "samples_consumed": self.steps * self.dataset.c * self.streams,  # over all ranks
             "seed": self.cfg.seed,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "num_workers": self.cfg.workers_per_rank,
-            "batch_size": self.cfg.batch_size,
             "domain_weights": self.cfg.domain_weights,
+            "samples_per_epoch": self.cfg.samples_per_epoch,
             "shards": self._fingerprint(),
-            "positions": self.positions,
+            "world_size": self.world_size,
+            "batch_size": self.cfg.batch_size,
+            "positions": {str(v): p for v, p in sorted(self.positions.items())},
             "epoch_steps": len(self),
         }
 
     def load_state_dict(self, sd: dict) -> None:
-        """Continue from a state_dict; the run must use the same layout (errors name the differing field).
-
-        A state from another world size (elastic resume) is accepted only at an epoch boundary: the stream
-        position is recorded per rank and per worker, and the rank-to-sample assignment depends on the world
-        size, so mid-epoch there is no exact way to continue without repeating or skipping samples."""
+        """Continue from a (merged) state: on the same layout, or on any world size and batch size that divide
+        into its streams (errors name the differing field and value)."""
+        if sd.get("version") != STATE_VERSION:
+            raise ValueError(f"data state version {sd.get('version')!r} is not {STATE_VERSION} (a checkpoint of an "
+                             "older mole_ds): resume it with that version, or start the data from a new epoch")
         mine = self.state_dict()
-        if sd.get("world_size") != mine["world_size"]:
-            at_boundary = sd.get("steps") == 0 or (sd.get("epoch_steps") is not None
-                                                   and sd["steps"] >= sd["epoch_steps"])
-            if not at_boundary:
-                raise ValueError(
-                    f"data state was saved at world size {sd.get('world_size')} (now {mine['world_size']}) in the "
-                    f"middle of epoch {sd.get('epoch')} (batch {sd.get('steps')} of {sd.get('epoch_steps', '?')} per "
-                    "rank): the stream position is per rank, so a resize resumes exactly only at an epoch boundary. "
-                    "Resume with the original world size, or from a checkpoint taken at the end of an epoch")
-            bad = [f"{k} (checkpoint {sd.get(k)!r}, now {mine[k]!r})" for k in ("version", "seed", "domain_weights",
-                                                                               "shards") if sd.get(k) != mine[k]]
-            if bad:
-                raise ValueError("data state does not match this loader: " + "; ".join(bad))
-            done = sd.get("steps") != 0
-            self.epoch = sd["epoch"] + (1 if done else 0)
-            self.steps, self.positions = 0, [None] * self.cfg.workers_per_rank
-            return
         bad = [f"{k} (checkpoint {sd.get(k)!r}, now {mine[k]!r})"
-               for k in ("version", "seed", "rank", "world_size", "num_workers", "batch_size", "domain_weights",
-                         "shards") if sd.get(k) != mine[k]]
+               for k in ("seed", "domain_weights", "samples_per_epoch", "shards") if sd.get(k) != mine[k]]
         if bad:
             raise ValueError("data state does not match this loader: " + "; ".join(bad))
-        self.epoch, self.steps = sd["epoch"], sd["steps"]
-        self.positions = list(sd["positions"])
-        if self.steps >= len(self):
-            self.epoch, self.steps, self.positions = self.epoch + 1, 0, [None] * self.cfg.workers_per_rank
+        V = int(sd["streams"])
+        done = sd["steps"] >= sd["epoch_steps"]
+        if sd["steps"] == 0 or done:  # an epoch boundary: any layout continues exactly with the next epoch
+            if V != self.streams and not self.cfg.streams and check_layout(V, self.world_size, self.cfg.batch_size) is None:
+                self.dataset = self._dataset(V)  # keep the run's streams where the new layout allows them
+            self.epoch = sd["epoch"] + (1 if done else 0)
+            self.steps, self.positions = 0, {}
+            return
+        where = f"in the middle of epoch {sd['epoch']} (step {sd['steps']} of {sd['epoch_steps']})"
+        if self.cfg.streams and self.cfg.streams != V:
+            raise ValueError(f"data.streams ({self.cfg.streams}) differs from the checkpoint's ({V}) {where}: the "
+                             "position is per stream, so keep the checkpoint's value until the epoch ends")
+        why = check_layout(V, self.world_size, self.cfg.batch_size)
+        if why:
+            raise ValueError(f"the checkpoint was taken {where} with data.streams {V}, which this layout cannot "
+                             f"continue: {why}")
+        if V != self.streams:
+            self.dataset = self._dataset(V)
+        consumed = int(sd["steps"]) * int(sd["per_stream_per_step"])  # samples taken from every stream
+        c = self.dataset.c
+        if consumed % c:
+            raise ValueError(f"the checkpoint was taken {where} after {consumed} samples per stream; this layout "
+                             f"takes {c} per stream per step (batch_size {self.cfg.batch_size}, world size "
+                             f"{self.world_size}, data.streams {V}), which does not divide it: resume with a "
+                             "global batch that does, or from an epoch boundary")
+        pos = {int(v): p for v, p in sd.get("positions", {}).items()}
+        missing = [v for v in self.dataset.mine if v not in pos]
+        if missing:
+            raise ValueError(f"data state has no position for stream(s) {missing[:8]} of this rank (it holds "
+                             f"{sorted(pos)[:8]}...): a state of one rank of a larger run must be merged over all "
+                             "ranks (mole_ds.data.merge_states) before it is saved")
+        self.epoch, self.steps = sd["epoch"], consumed // c
+        self.positions = {v: pos[v] for v in self.dataset.mine}
 
     def __iter__(self) -> Iterator[dict]:
         self.dataset.set_epoch(self.epoch)
-        self.dataset.start_positions = list(self.positions)
-        self.dataset.worker_offset = self.steps % self.cfg.workers_per_rank
-        nw = self.cfg.num_workers
+        self.dataset.start_positions = dict(self.positions)
+        self.dataset.start_step = self.steps
+        nw = self.dataset.n_workers if self.cfg.num_workers else 0
         dl = DataLoader(self.dataset, batch_size=None, num_workers=nw, prefetch_factor=2 if nw else None,
                         multiprocessing_context="fork" if nw else None,
                         worker_init_fn=functools.partial(_ignore_stop_signals, parent_pid=os.getpid()) if nw else None,
@@ -183,30 +212,48 @@ class StreamingLoader:
                         # (dropout), or a resumed run would diverge from an uninterrupted one.
                         generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch))
         it = iter(dl)
+        pad_id = self.processor.tokenizer.pad_token_id
         try:
-            for batch in it:
-                self.stats.update(batch.pop("_stats"))
-                if "_error" in batch:
-                    raise _ERRORS[batch["_error_kind"]](batch["_error"])
-                pos = batch.pop("_pos")
-                self.positions[pos["worker"]] = pos
+            while self.steps < len(self):
+                samples, pos = [], {}
+                for _ in range(max(nw, 1)):  # one item per worker, in worker (= stream) order
+                    item = next(it)
+                    self.stats.update(item.pop("_stats"))
+                    if "_error" in item:
+                        raise _ERRORS[item["_error_kind"]](item["_error"])
+                    samples += item["samples"]
+                    pos.update(item["_pos"])
+                self.positions.update(pos)
                 self.steps += 1
                 if self.stats["samples_read"] >= MIN_SAMPLES_FOR_FRACTION:
                     self._check_skips(final=False)
-                yield batch
+                yield collate(samples, pad_id)
         finally:
             shutdown = getattr(it, "_shutdown_workers", None)
             if shutdown is not None:
                 shutdown()  # workers end now, not whenever the iterator is collected
         self._check_skips(final=True)
         self.epoch, self.steps = self.epoch + 1, 0
-        self.positions = [None] * self.cfg.workers_per_rank
+        self.positions = {}
 
     def _check_skips(self, final: bool) -> None:
         warn = check_skip_fraction(self.stats, self.cfg.max_skip_fraction, f"rank {self.rank}", final=final)
         if warn and not self._warned:
             self._warned = True
             log.warning(warn)
+
+
+def merge_states(states: list[dict]) -> dict:
+    """The run's data position from every rank's ``StreamingLoader.state_dict()`` (any order)."""
+    first = states[0]
+    for k in ("version", "epoch", "steps", "streams", "per_stream_per_step", "seed", "shards"):
+        vals = {json.dumps(s.get(k)) for s in states}
+        if len(vals) > 1:
+            raise ValueError(f"the ranks' data states disagree on {k}: {sorted(vals)}")
+    pos: dict[str, dict] = {}
+    for s in states:
+        pos.update(s.get("positions", {}))
+    return {**first, "positions": dict(sorted(pos.items(), key=lambda kv: int(kv[0])))}
 
 
 _ERRORS = {"stream": DataStreamError, "storage": StorageError, "mismatch": TokenizationMismatchError}

@@ -1,29 +1,33 @@
-"""Streaming shards into batches, split over ranks and DataLoader workers, resumable.
+"""Streaming shards into batches, split over ranks and DataLoader workers, resumable on any world size.
 
-Terms: a *slot* is one (rank, worker) pair, slot = rank * workers_per_rank + worker; there are
-world_size * workers_per_rank slots and each reads disjoint data.
+Terms: a *stream* is the unit of reading and of the resume position.  A run has a fixed number of streams V
+(``data.streams``), independent of the world size: rank r of W owns streams [r*V/W, (r+1)*V/W), split in
+contiguous blocks over its DataLoader workers.  Every global step takes the same number c of samples from every
+stream (c = global batch / V), so the samples of global step s are the same whatever W is, and a checkpoint
+records one position per stream: it resumes exactly on any world size that divides V (mid-epoch included).
 
-Algorithm of one slot's epoch (:meth:`StreamingDataset.iter_slot`):
+Algorithm of one stream's epoch (:class:`_Stream`):
   1. Every process computes the same plan from (seed, epoch): shard order shuffled, then shards assigned to
-     slots greedily by sample count (balanced, disjoint).  With fewer shards than slots, every slot reads all
-     shards and keeps raw sample i iff i % n_slots == slot (disjoint again, at the cost of extra reads).
-  2. A *raw stream* reads the slot's shards pass after pass (each pass re-shuffled; pass 0 is the epoch's data,
-     later passes only pad), through a seeded shuffle buffer flushed at the end of each pass.  A shard whose
-     bytes do not parse as a tar is logged by URL, counted (``corrupt_shard``) and the rest of it skipped; a
-     storage failure is not corruption: the reader retries/resumes it (mole_ds.data.storage) and, past
+     the V streams greedily by sample count (balanced, disjoint).  With fewer shards than streams, every stream
+     reads all shards and keeps raw sample i iff i % V == stream (disjoint again, at the cost of extra reads).
+  2. A *raw stream* reads the stream's shards pass after pass (each pass re-shuffled; pass 0 is the epoch's
+     data, later passes only pad), through a seeded shuffle buffer flushed at the end of each pass.  A shard
+     whose bytes do not parse as a tar is logged by URL, counted (``corrupt_shard``) and the rest of it skipped;
+     a storage failure is not corruption: the reader retries/resumes it (mole_ds.data.storage) and, past
      ``storage_timeout_s``, the StorageError ends the stream.
-  3. Exact mode: samples come from one raw stream over all shards.  Mixing mode: one raw stream per domain, and
-     a seeded chooser picks the domain of each next sample by weight.
+  3. Exact mode: samples come from one raw stream over the stream's shards.  Mixing mode: one raw stream per
+     domain, and a seeded chooser picks the domain of each next sample by weight.
   4. Each raw sample is parsed and encoded (image processor, template, masking); a bad one is counted by
-     reason and replaced by the next one from the same stream.  A full pass over a stream's shards that gives
-     no usable sample ends the stream with DataStreamError (counts per reason, likely fix) instead of reading
-     the shards forever; at the end of each first pass the skip fraction is checked (max_skip_fraction).
-  5. Samples are collated into batches; the slot yields exactly `batches_per_slot` batches per epoch, so all
-     ranks take the same number of steps.  Each batch carries the slot's stream position after it ("_pos") and
-     counter increments ("_stats"); the loader keeps the position of the last batch it handed out per worker.
-     An error ends the slot with one last item {"_error", "_error_kind", "_stats"} that the loader re-raises in
-     the main process (so the message and the counts of a DataLoader worker reach the trainer intact).
-  6. Resume: a slot given a position fast-forwards its raw streams (reading, not decoding) and chooser to it.
+     reason and replaced by the next one from the same raw stream.  A full pass over a raw stream's shards that
+     gives no usable sample ends it with DataStreamError (counts per reason, likely fix) instead of reading the
+     shards forever; at the end of each first pass the skip fraction is checked (max_skip_fraction).
+  5. Per step, each DataLoader worker yields one item: c encoded samples from each of its streams (stream
+     order), the streams' positions after them ("_pos") and counter increments ("_stats").  The loader takes
+     one item per worker (a DataLoader hands them out in strict rotation) and collates them into the rank's
+     batch.  Every stream yields exactly ``steps_per_epoch * c`` samples per epoch, so all ranks take the same
+     number of steps.  An error ends the worker with one last item {"_error", "_error_kind", "_stats"} that
+     the loader re-raises in the main process (so the message and counts of a worker reach the trainer intact).
+  6. Resume: a stream given a position fast-forwards its raw streams (reading, not decoding) and chooser to it.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mole_ds.data import storage
-from mole_ds.data.collate import SampleEncoder, collate
+from mole_ds.data.collate import SampleEncoder
 from mole_ds.data.config import DataConfig
 from mole_ds.data.manifest import ShardInfo
 from mole_ds.data.mixing import DomainChooser, assign_shards, seeded, shuffle_buffer
@@ -50,25 +54,45 @@ from mole_ds.data.tario import CorruptShardError, iter_tar_samples
 log = logging.getLogger(__name__)
 
 
-def plan_slot(shards: list[ShardInfo], slot: int, n_slots: int, seed: int, epoch: int, tag: str,
-              shuffle: bool) -> tuple[list[ShardInfo], tuple[int, int] | None]:
-    """Step 1 for one stream: (shards this slot reads, (slot, n_slots) sample-level split or None)."""
+def check_layout(streams: int, world_size: int, batch_size: int) -> str | None:
+    """Why (streams, world_size, per-rank batch_size) cannot be a layout, or None when it can."""
+    if streams < 1:
+        return f"data.streams ({streams}) must be >= 1"
+    if streams % world_size:
+        return (f"data.streams ({streams}) must be a multiple of the world size ({world_size}): each rank owns "
+                "streams/world_size streams")
+    per_rank = streams // world_size
+    if batch_size % per_rank:
+        return (f"the per-rank batch size ({batch_size}) must be a multiple of the streams per rank "
+                f"({per_rank} = data.streams {streams} / world size {world_size}): every step takes the same "
+                "number of samples from every stream")
+    return None
+
+
+def default_streams(world_size: int, batch_size: int, workers_per_rank: int) -> int:
+    """world_size * workers_per_rank (one stream per DataLoader worker), reduced so it divides the batch."""
+    return world_size * math.gcd(batch_size, workers_per_rank)
+
+
+def plan_stream(shards: list[ShardInfo], stream: int, n_streams: int, seed: int, epoch: int, tag: str,
+                shuffle: bool) -> tuple[list[ShardInfo], tuple[int, int] | None]:
+    """Step 1 for one stream: (shards it reads, (stream, n_streams) sample-level split or None)."""
     order = list(shards)
     if shuffle:
         seeded(seed, epoch, tag, "shards").shuffle(order)
-    if len(order) >= n_slots:
-        mine = assign_shards([s.samples for s in order], n_slots)[slot]
+    if len(order) >= n_streams:
+        mine = assign_shards([s.samples for s in order], n_streams)[stream]
         return [order[i] for i in mine], None
-    return order, (slot, n_slots)
+    return order, (stream, n_streams)
 
 
 class RawStream:
-    """Step 2: an endless stream of raw samples of one slot (and one domain in mixing mode)."""
+    """Step 2: an endless stream of raw samples of one stream (and one domain in mixing mode)."""
 
     def __init__(self, shards: list[ShardInfo], split: tuple[int, int] | None, seed, epoch: int, tag: str,
-                 slot: int, buffer: int, shuffle: bool, stats: Counter, policy: RetryPolicy | None = None):
+                 stream: int, buffer: int, shuffle: bool, stats: Counter, policy: RetryPolicy | None = None):
         self.shards, self.split, self.buffer, self.shuffle = shards, split, buffer, shuffle
-        self.key = (seed, epoch, tag, slot)
+        self.key = (seed, epoch, tag, stream)
         self.tag = tag
         self.stats = stats
         self.policy = policy or RetryPolicy()
@@ -79,7 +103,7 @@ class RawStream:
     def _read_shard(self, info: ShardInfo) -> Iterator[dict]:
         n = 0
         # Shard faults are counted on the first pass (later passes re-read the same shards), and in sample-split
-        # mode (every slot reads every shard) by the split's first slot only.
+        # mode (every stream reads every shard) by the split's first stream only.
         count = self._pass == 0 and (self.split is None or self.split[0] == 0)
         try:
             with storage.open_url(info.url, self.policy) as f:
@@ -122,8 +146,8 @@ class RawStream:
                 yield p, raw
             if not got:
                 split = f", keeping every {self.split[1]}th sample from {self.split[0]}" if self.split else ""
-                raise DataStreamError(f"no readable sample in the {len(self.shards)} shard(s) of stream {self.tag!r} "
-                                      f"(slot {self.key[3]}{split})\n  " + describe(self.stats))
+                raise DataStreamError(f"no readable sample in the {len(self.shards)} shard(s) of {self.tag!r} "
+                                      f"(stream {self.key[3]}{split})\n  " + describe(self.stats))
             p += 1
 
     def next(self) -> tuple[int, dict]:
@@ -152,151 +176,172 @@ class _PassWatch:
         return True, empty
 
 
+class _Stream:
+    """Steps 2-4 and 6 for one stream: ``take(c)`` gives its next c usable encoded samples."""
+
+    def __init__(self, ds: "StreamingDataset", v: int, enc: SampleEncoder, stats: Counter, examples: dict,
+                 pos: dict | None):
+        cfg = ds.cfg
+        self.v, self.ds, self.enc, self.stats, self.examples = v, ds, enc, stats, examples
+        if ds.mixing:
+            self.raw = {d: ds._raw(v, ds._domain_shards(d), d, stats) for d, w in cfg.domain_weights.items() if w > 0}
+            self.chooser = DomainChooser(cfg.domain_weights, seeded(cfg.seed, ds.epoch, v, "mix"))
+        else:
+            self.raw = {"all": ds._raw(v, ds.shards, "all", stats)}
+            self.chooser = None
+        pos = pos or {}
+        for name, s in self.raw.items():  # step 6
+            s.skip(pos.get("streams", {}).get(name, 0))
+        if self.chooser is not None:
+            self.chooser.skip(pos.get("chooser", 0))
+        self.watch = {name: _PassWatch(resumed=s.drawn > 0) for name, s in self.raw.items()}
+
+    def position(self) -> dict:
+        return {"streams": {n: s.drawn for n, s in self.raw.items()},
+                "chooser": self.chooser.draws if self.chooser else 0}
+
+    def take(self, c: int) -> list:
+        return [self._one() for _ in range(c)]
+
+    def _one(self):
+        ds, stats = self.ds, self.stats
+        name = self.chooser() if self.chooser else "all"
+        stream = self.raw[name]
+        while True:
+            p, raw = stream.next()
+            started, empty = self.watch[name].new_sample(p)
+            if empty:
+                raise DataStreamError(ds._no_usable_message(stream, stats, self.examples))
+            if started and p == 1:  # the first pass just ended: check the skip fraction
+                warn = check_skip_fraction(stats, ds.cfg.max_skip_fraction, f"rank {ds.rank} stream {self.v}",
+                                           final=True, examples=self.examples)
+                if warn:
+                    log.warning(warn)
+            if p == 0:
+                stats["samples_read"] += 1
+            try:
+                sample = self.enc(parse_sample(raw))
+            except SkipSample as exc:
+                if p == 0:  # count each bad sample once per epoch, not again when padding re-reads it
+                    stats[exc.reason] += 1
+                    self.examples.setdefault(exc.reason, str(exc))
+                    if stats[exc.reason] <= 3:
+                        log.warning("skipped sample: %s", exc)
+                continue
+            self.watch[name].usable += 1
+            if p > 0 and not ds.mixing:
+                stats["repeated"] += 1  # padding samples from a later pass (exact mode)
+            return sample
+
+
 class StreamingDataset(IterableDataset):
-    """Yields collated batches for this rank (see the module docstring).  Use via StreamingLoader."""
+    """Yields, per step, one item per DataLoader worker (see the module docstring).  Use via StreamingLoader."""
 
     def __init__(self, cfg: DataConfig, shards: list[ShardInfo], processor, rank: int, world_size: int,
-                 domain_names: list[str]):
+                 domain_names: list[str], streams: int):
         super().__init__()
         self.cfg, self.shards, self.processor = cfg, shards, processor
         self.rank, self.world_size = rank, world_size
         self.domain_names = domain_names
-        self.W = cfg.workers_per_rank
-        self.n_slots = world_size * self.W
+        why = check_layout(streams, world_size, cfg.batch_size)
+        if why:
+            raise ValueError(why)
+        self.V = streams
+        self.per_rank = streams // world_size
+        self.c = cfg.batch_size // self.per_rank  # samples per stream per step
+        self.mine = list(range(rank * self.per_rank, (rank + 1) * self.per_rank))
+        self.n_workers = min(cfg.workers_per_rank, self.per_rank)
         self.epoch = 0
-        self.start_positions: list[dict | None] = [None] * self.W
-        self.worker_offset = 0  # DataLoader worker i serves logical worker (i + offset) % W (see __iter__)
+        self.start_step = 0
+        self.start_positions: dict[int, dict] = {}
         self.mixing = cfg.domain_weights is not None
         if self.mixing:
             missing = [d for d, w in cfg.domain_weights.items() if w > 0 and not self._domain_shards(d)]
             if missing:
                 raise ValueError(f"domain_weights names domain(s) {missing} with no shards; "
                                  f"shard domains: {sorted({s.domain for s in shards})}")
-        self.batches_per_slot = self._batches_per_slot()
+        self.epoch_samples = self._epoch_samples_per_stream()
 
     def _domain_shards(self, d: str) -> list[ShardInfo]:
         return [s for s in self.shards if s.domain == d]
 
-    def _batches_per_slot(self) -> int:
-        B = self.cfg.batch_size
+    def worker_streams(self, w: int) -> list[int]:
+        """Worker w's streams: a contiguous block of this rank's (so worker order is stream order)."""
+        q, r = divmod(self.per_rank, self.n_workers)
+        start = w * q + min(w, r)
+        return self.mine[start:start + q + (1 if w < r else 0)]
+
+    def _epoch_samples_per_stream(self) -> int:
+        """Samples every stream yields per epoch before padding: the largest stream's (computed over all V
+        streams, so every rank agrees)."""
         if self.mixing:
-            per_rank = self.cfg.samples_per_epoch
-            if per_rank is None:
+            total = self.cfg.samples_per_epoch
+            if total is None:
                 known = [s.samples for s in self.shards if s.domain in self.cfg.domain_weights]
                 if any(k is None for k in known):
                     raise ValueError("samples_per_epoch (None) must be set when shard sample counts are unknown "
                                      "(read from a manifest to know them)")
-                per_rank = sum(known) // self.world_size
-            return max(1, math.ceil(per_rank / (B * self.W)))
+                total = sum(known)
+            return max(1, -(-total // self.V))
         if any(s.samples is None for s in self.shards):
             raise ValueError("exact epochs need shard sample counts: read the shards through their manifest")
-        # Largest slot decides; smaller slots pad by wrapping so every rank takes the same number of steps.
         worst = 0
-        for slot in range(self.n_slots):
-            mine, split = plan_slot(self.shards, slot, self.n_slots, self.cfg.seed, self.epoch, "all",
-                                    self.cfg.shuffle_shards)
+        for v in range(self.V):
+            mine, split = plan_stream(self.shards, v, self.V, self.cfg.seed, self.epoch, "all",
+                                      self.cfg.shuffle_shards)
             n = sum(s.samples for s in mine)
-            worst = max(worst, -(-n // split[1]) if split else n)
-        return max(1, math.ceil(worst / B))
+            worst = max(worst, -(-(n - split[0]) // split[1]) if split else n)
+        return max(1, worst)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        self.batches_per_slot = self._batches_per_slot()
+        self.epoch_samples = self._epoch_samples_per_stream()
 
     @property
     def steps_per_epoch(self) -> int:
-        """Batches per epoch on every rank."""
-        return self.batches_per_slot * self.W
+        """Steps per epoch on every rank: the largest stream's samples, c per step (smaller streams pad)."""
+        return max(1, -(-self.epoch_samples // self.c))
 
-    def _stream(self, slot: int, shards: list[ShardInfo], tag: str, stats: Counter) -> RawStream:
-        mine, split = plan_slot(shards, slot, self.n_slots, self.cfg.seed, self.epoch, tag, self.cfg.shuffle_shards)
-        return RawStream(mine, split, self.cfg.seed, self.epoch, tag, slot, self.cfg.shuffle_buffer,
+    def _raw(self, v: int, shards: list[ShardInfo], tag: str, stats: Counter) -> RawStream:
+        mine, split = plan_stream(shards, v, self.V, self.cfg.seed, self.epoch, tag, self.cfg.shuffle_shards)
+        return RawStream(mine, split, self.cfg.seed, self.epoch, tag, v, self.cfg.shuffle_buffer,
                          self.cfg.shuffle_shards, stats, RetryPolicy(timeout_s=self.cfg.storage_timeout_s))
 
-    def iter_slot(self, worker: int) -> Iterator[dict]:
-        """Steps 2-6 for (self.rank, worker); an error becomes a final {"_error", ...} item (see step 5)."""
+    def iter_worker(self, worker: int) -> Iterator[dict]:
+        """Steps 2-6 for this rank's worker; an error becomes a final {"_error", ...} item (see step 5)."""
         stats: Counter = Counter()
         reported: Counter = Counter()
         try:
-            yield from self._slot_batches(worker, stats, reported)
+            yield from self._worker_items(worker, stats, reported)
         except (DataStreamError, StorageError, TokenizationMismatchError) as exc:
             kind = ("storage" if isinstance(exc, StorageError) else "stream" if isinstance(exc, DataStreamError)
                     else "mismatch")
-            where = f"rank {self.rank}" + (f" worker {worker}" if self.W > 1 else "")
+            where = f"rank {self.rank}" + (f" worker {worker}" if self.n_workers > 1 else "")
             yield {"_error": f"{where}: {exc}", "_error_kind": kind, "_stats": dict(stats - reported)}
 
-    def _slot_batches(self, worker: int, stats: Counter, reported: Counter) -> Iterator[dict]:
-        slot = self.rank * self.W + worker
+    def _worker_items(self, worker: int, stats: Counter, reported: Counter) -> Iterator[dict]:
         enc = SampleEncoder(self.processor, self.domain_names, self.cfg.max_length, self.cfg.mismatch_policy,
                             self.cfg.process_images, self.cfg.chat_format)
-        if self.mixing:
-            streams = {d: self._stream(slot, self._domain_shards(d), d, stats)
-                       for d, w in self.cfg.domain_weights.items() if w > 0}
-            chooser = DomainChooser(self.cfg.domain_weights, seeded(self.cfg.seed, self.epoch, slot, "mix"))
-        else:
-            streams = {"all": self._stream(slot, self.shards, "all", stats)}
-            chooser = None
-        pos = self.start_positions[worker] or {}
-        done = pos.get("batches", 0)
-        for name, s in streams.items():  # step 6
-            s.skip(pos.get("streams", {}).get(name, 0))
-        if chooser is not None:
-            chooser.skip(pos.get("chooser", 0))
-        watch = {name: _PassWatch(resumed=s.drawn > 0) for name, s in streams.items()}
         examples: dict[str, str] = {}  # one detail per skip reason, for error messages
-
-        pad_id = self.processor.tokenizer.pad_token_id
-        while done < self.batches_per_slot:
-            batch = []
-            while len(batch) < self.cfg.batch_size:
-                name = chooser() if chooser else "all"
-                stream = streams[name]
-                while True:
-                    p, raw = stream.next()
-                    started, empty = watch[name].new_sample(p)
-                    if empty:
-                        raise DataStreamError(self._no_usable_message(stream, stats, examples))
-                    if started and p == 1:  # the first pass just ended: check the skip fraction
-                        warn = check_skip_fraction(stats, self.cfg.max_skip_fraction, f"rank {self.rank} slot {slot}",
-                                                   final=True, examples=examples)
-                        if warn:
-                            log.warning(warn)
-                    if p == 0:
-                        stats["samples_read"] += 1
-                    try:
-                        batch.append(enc(parse_sample(raw)))
-                    except SkipSample as exc:
-                        if p == 0:  # count each bad sample once per epoch, not again when padding re-reads it
-                            stats[exc.reason] += 1
-                            examples.setdefault(exc.reason, str(exc))
-                            if stats[exc.reason] <= 3:
-                                log.warning("skipped sample: %s", exc)
-                        continue
-                    watch[name].usable += 1
-                    if p > 0 and not self.mixing:
-                        stats["repeated"] += 1  # padding samples from a later pass (exact mode)
-                    break
-            out = collate(batch, pad_id)
-            done += 1
-            out["_pos"] = {"worker": worker, "batches": done, "streams": {n: s.drawn for n, s in streams.items()},
-                           "chooser": chooser.draws if chooser else 0}
-            out["_stats"] = dict(stats - reported)
+        streams = [_Stream(self, v, enc, stats, examples, self.start_positions.get(v))
+                   for v in self.worker_streams(worker)]
+        for _ in range(self.start_step, self.steps_per_epoch):
+            samples = [x for s in streams for x in s.take(self.c)]
+            item = {"samples": samples, "_pos": {s.v: s.position() for s in streams},
+                    "_stats": dict(stats - reported)}
             reported.clear()
             reported.update(stats)
-            yield out
+            yield item
 
     def _no_usable_message(self, stream: RawStream, stats: Counter, examples: dict) -> str:
-        return (f"a full pass over the {len(stream.shards)} shard(s) of stream {stream.tag!r} gave no usable sample "
-                f"(max_length {self.cfg.max_length}, chat_format {self.cfg.chat_format!r}); stopping instead of "
-                "re-reading them forever\n  " + describe(stats, examples))
+        return (f"a full pass over the {len(stream.shards)} shard(s) of {stream.tag!r} (stream {stream.key[3]}) gave "
+                f"no usable sample (max_length {self.cfg.max_length}, chat_format {self.cfg.chat_format!r}); "
+                "stopping instead of re-reading them forever\n  " + describe(stats, examples))
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        if info is not None and info.num_workers != self.W:
-            raise RuntimeError(f"DataLoader has {info.num_workers} workers, dataset expects {self.W}")
-        # A DataLoader always starts its rotation at worker 0; after a resume at step s the next batch is due
-        # from logical worker s % W, so physical workers are rotated by that offset.
-        worker = ((info.id if info is not None else 0) + self.worker_offset) % self.W
+        if info is not None and info.num_workers != self.n_workers:
+            raise RuntimeError(f"DataLoader has {info.num_workers} workers, dataset expects {self.n_workers}")
         if info is not None:
             torch.set_num_threads(1)  # worker processes share the cores with the trainer
-        return self.iter_slot(worker)
+        return self.iter_worker(info.id if info is not None else 0)

@@ -47,7 +47,12 @@ class DataSection:
     """DataLoader workers per rank."""
     shuffle_buffer: int = 256
     samples_per_epoch: int = 0
-    """Per rank; 0 = derived from the shard manifest."""
+    """Mixing mode (domain_weights set): samples per epoch over all ranks; 0 = derived from the shard manifest."""
+    streams: int = 0
+    """Streams, the unit of reading and of the resume position: each rank owns streams / world size of them and
+    every step takes batch / streams-per-rank samples from each, so a checkpoint resumes exactly (mid-epoch too)
+    on any world size dividing it. 0 = world size x num_workers (reduced to divide the batch); set a number with
+    the divisors the run may need (e.g. 16 for 1, 2, 4, 8 or 16 ranks)."""
     seed: int = 0
     chat_format: str = "vicuna_v1"
     """Prompt format: 'vicuna_v1' (LLaVA-1.5's training format) or 'template' (the tokenizer's chat_template)."""
@@ -249,7 +254,8 @@ _RANGES = [
     ("train", "collective_timeout_s", 0, False), ("train", "stop_grace_s", 0, False),
     ("checkpoint", "every", 0, True), ("checkpoint", "keep", 0, True),
     ("data", "max_length", 8, True), ("data", "num_workers", 0, True), ("data", "shuffle_buffer", 0, True),
-    ("data", "samples_per_epoch", 0, True), ("data", "storage_timeout_s", 0, False),
+    ("data", "samples_per_epoch", 0, True), ("data", "streams", 0, True),
+    ("data", "storage_timeout_s", 0, False),
     ("model", "tiny_layers", 1, True), ("model", "tiny_hidden", 8, True),
 ]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..data import DataConfig, build_loader
+from ..data import DataConfig, build_loader, merge_states
 from ..mole.collect import aux_losses, routing_counts_by_sample
 from ..parallel import all_to_all_bytes
 from ..patching import mole_layers
@@ -37,6 +37,7 @@ def _data_config(cfg: RunConfig, urls: list[str], micro_batch: int, eval_mode: b
                       shuffle_buffer=0 if eval_mode else d.shuffle_buffer,
                       domain_weights=None if eval_mode else weights,
                       samples_per_epoch=(d.samples_per_epoch or None) if (weights and not eval_mode) else None,
+                      streams=None if eval_mode else (d.streams or None),
                       chat_format=d.chat_format, mismatch_policy=d.mismatch_policy,
                       storage_timeout_s=d.storage_timeout_s, max_skip_fraction=d.max_skip_fraction)
 
@@ -119,7 +120,7 @@ class Trainer:
 
     def save(self) -> Path:
         """DeepSpeed checkpoint (resumable) + ``mole.safetensors`` in it (consolidated, loadable anywhere)."""
-        client = {"step": self.step, "data": self.loader.state_dict(), "routing": self.routing.counts.tolist()}
+        client = {"step": self.step, "data": self._data_state(), "routing": self.routing.counts.tolist()}
         if self.cfg.model.train_base:
             tag = save_checkpoint(self.engine, self.ckpt_root, self.step, client, self._meta(),
                                   keep=self.cfg.checkpoint.keep)
@@ -133,6 +134,16 @@ class Trainer:
         return save_training_checkpoint(self.engine, self.ckpt_root, self.step, client, self._meta(), self.cfg.mole,
                                         ep_group, keep=self.cfg.checkpoint.keep,
                                         extra=self._export_extra())
+
+    def _data_state(self) -> dict:
+        """The run's data position: every rank's streams, merged (so any world size can resume it, and a ZeRO
+        stage that keeps only rank 0's client state still holds every rank's position)."""
+        local = self.loader.state_dict()
+        if not dist.is_initialized() or self.world == 1:
+            return local
+        states: list = [None] * self.world
+        dist.all_gather_object(states, local)
+        return merge_states(states)
 
     def maybe_resume(self) -> None:
         tag = find_resume(self.cfg.checkpoint.resume, self.ckpt_root)

@@ -76,7 +76,8 @@ def test_checkpoint_carries_adam_moments(runs):
     assert max(float(m["exp_avg"].abs().max()) for m in st.moments.values()) > 1e-4
 
 
-def _data_loader(tmp_path, rank, world):
+def _data_loaders(tmp_path, world, batch_size, num_workers=0, streams=4, **kw):
+    """One loader per rank of a `world`-rank run (the ranks' loaders run in this process)."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "data"))
@@ -86,31 +87,77 @@ def _data_loader(tmp_path, rank, world):
     from mole_ds.models import build_tiny_processor
 
     out = tmp_path / "shards"
-    if not out.is_dir():
-        domains = [DomainSource(n, make_domain(tmp_path, n, k, image_every=0), str(tmp_path / f"{n}_images"))
-                   for n, k in {"general": 16, "medical": 8}.items()]
-        shard_dataset(ShardConfig(domains, str(out), max_samples=4, progress=False))
-    cfg = DataConfig(urls=str(out), batch_size=2, num_workers=0, max_length=256, shuffle_buffer=0, seed=3)
-    return build_loader(cfg, build_tiny_processor(image_size=32, patch_size=8), rank=rank, world_size=world)
+    if not out.is_dir():  # 8 shards of 3 samples: 2 shards per stream, so an epoch is 24 samples, no padding
+        domains = [DomainSource(n, make_domain(tmp_path, n, k, image_every=3), str(tmp_path / f"{n}_images"))
+                   for n, k in {"general": 15, "medical": 9}.items()]
+        shard_dataset(ShardConfig(domains, str(out), max_samples=3, progress=False))
+    cfg = DataConfig(urls=str(out), batch_size=batch_size, num_workers=num_workers, max_length=256,
+                     shuffle_buffer=2, seed=3, streams=streams, **kw)
+    proc = build_tiny_processor(image_size=32, patch_size=8)
+    return [build_loader(cfg, proc, rank=r, world_size=world) for r in range(world)]
 
 
-def test_data_position_across_a_resize(tmp_path):
-    # Mid-epoch: refused, naming the epoch and batch (the position is per rank and per worker).
-    two = _data_loader(tmp_path, 0, 2)
-    it = iter(two)
+def _global_batches(loaders, steps=None, state=None):
+    """Run the ranks' loaders side by side: the ids of each global step (rank order), and the merged state
+    after `steps` steps (None: the whole epoch)."""
+    from mole_ds.data import merge_states
+
+    if state is not None:
+        for ld in loaders:
+            ld.load_state_dict(state)
+    per_rank = []
+    for ld in loaders:  # the ranks are independent: run them one after the other
+        it = iter(ld)
+        per_rank.append([b["ids"] for b in (it if steps is None else (next(it) for _ in range(steps)))])
+        it.close()
+    out = [[i for ids in step for i in ids] for step in zip(*per_rank, strict=True)]
+    merged = json.loads(json.dumps(merge_states([ld.state_dict() for ld in loaders])))  # as in a checkpoint
+    return out, merged
+
+
+# (world size, per-rank batch, DataLoader workers): the same global batch of 4 samples from 4 streams.
+LAYOUTS = {"w2": (2, 2, 1), "w1": (1, 4, 2), "w4": (4, 1, 0)}
+
+
+def test_global_batches_do_not_depend_on_the_world_size(tmp_path):
+    ref, _ = _global_batches(_data_loaders(tmp_path, *LAYOUTS["w2"]))
+    ids = [i for b in ref for i in b]
+    assert len(ref) == 6 and len(ids) == len(set(ids)) == 24  # one epoch, each sample once
+    for name in ("w1", "w4"):
+        got, _ = _global_batches(_data_loaders(tmp_path, *LAYOUTS[name]))
+        assert got == ref, name
+
+
+@pytest.mark.parametrize("src,dst", [("w2", "w1"), ("w1", "w2"), ("w2", "w4"), ("w4", "w1")])
+def test_mid_epoch_resize_continues_the_same_global_batches(tmp_path, src, dst):
+    ref, _ = _global_batches(_data_loaders(tmp_path, *LAYOUTS[src]))
+    head, state = _global_batches(_data_loaders(tmp_path, *LAYOUTS[src]), steps=2)
+    assert state["steps"] == 2 and len(state["positions"]) == 4
+    tail, end = _global_batches(_data_loaders(tmp_path, *LAYOUTS[dst]), state=state)
+    assert head + tail == ref  # nothing repeated, nothing skipped, and the same samples in every step
+    assert end["epoch"] == 1 and end["steps"] == 0
+
+
+def test_mid_epoch_resize_that_cannot_be_exact_is_refused(tmp_path):
+    _, state = _global_batches(_data_loaders(tmp_path, *LAYOUTS["w2"]), steps=3)
+    with pytest.raises(ValueError, match=r"middle of epoch 0 \(step 3 of 6\) with data.streams 4.*multiple of "
+                                         r"the world size \(3\)"):
+        _data_loaders(tmp_path, 3, 2, streams=None)[0].load_state_dict(state)  # 4 streams cannot split over 3 ranks
+    with pytest.raises(ValueError, match=r"after 3 samples per stream; this layout takes 2 per stream"):
+        _data_loaders(tmp_path, 2, 4)[0].load_state_dict(state)  # a global batch of 8 does not divide 3
+    one_rank = _data_loaders(tmp_path, *LAYOUTS["w2"])[0]
+    it = iter(one_rank)
     next(it)
-    mid = json.loads(json.dumps(two.state_dict()))
+    unmerged = one_rank.state_dict()  # rank 0's streams only
     it.close()
-    one = _data_loader(tmp_path, 0, 1)
-    with pytest.raises(ValueError, match=r"saved at world size 2 \(now 1\) in the middle of epoch 0 \(batch 1 of"):
-        one.load_state_dict(mid)
-    # At the end of an epoch: the new layout starts the next epoch, and it reads every sample once.
-    for _ in two:
-        pass
-    end = json.loads(json.dumps(two.state_dict()))
-    assert end["steps"] == end["epoch_steps"] or end["steps"] == 0
-    one = _data_loader(tmp_path, 0, 1)
-    one.load_state_dict(end)
-    assert one.epoch == end["epoch"] + (1 if end["steps"] else 0) and one.steps == 0
-    ids = [i for b in one for i in b["ids"]]
-    assert len(ids) == len(set(ids)) == 24
+    with pytest.raises(ValueError, match=r"no position for stream\(s\) \[2, 3\].*merged over all ranks"):
+        _data_loaders(tmp_path, *LAYOUTS["w1"])[0].load_state_dict(unmerged)
+
+
+def test_mixing_mode_resize_continues_the_same_global_batches(tmp_path):
+    kw = dict(domain_weights={"general": 0.5, "medical": 0.5}, samples_per_epoch=32)
+    ref, _ = _global_batches(_data_loaders(tmp_path, *LAYOUTS["w2"], **kw))
+    assert len(ref) == 8
+    head, state = _global_batches(_data_loaders(tmp_path, *LAYOUTS["w2"], **kw), steps=3)
+    tail, _ = _global_batches(_data_loaders(tmp_path, *LAYOUTS["w1"], **kw), state=state)
+    assert head + tail == ref

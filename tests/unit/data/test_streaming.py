@@ -141,14 +141,18 @@ def test_resume_mid_epoch_gives_exactly_the_unseen_samples(tmp_path, processor):
         head = [next(it) for _ in range(stop)]
         state = json.loads(json.dumps(loader.state_dict()))  # survives a json checkpoint
         del it
-        assert state["samples_consumed"] == stop * 3
+        assert state["samples_consumed"] == stop * 3 * 2  # over both ranks
         again = build_loader(DataConfig(urls=out, **kw), processor, rank=1, world_size=2)
         again.load_state_dict(state)
         tail = list(again)
         assert ids_of(head) + ids_of(tail) == ref_ids
         assert again.epoch == 1
-    wrong = build_loader(DataConfig(urls=out, **{**kw, "batch_size": 4}), processor, rank=1, world_size=2)
-    with pytest.raises(ValueError, match=r"batch_size \(checkpoint 3, now 4\)"):
+    # 12 samples per stream consumed: a batch of 5 per stream cannot continue mid-epoch, another seed never
+    wrong = build_loader(DataConfig(urls=out, **{**kw, "batch_size": 5}), processor, rank=1, world_size=2)
+    with pytest.raises(ValueError, match=r"after 12 samples per stream; this layout takes 5 per stream per step"):
+        wrong.load_state_dict(state)
+    wrong = build_loader(DataConfig(urls=out, **{**kw, "seed": 4}), processor, rank=1, world_size=2)
+    with pytest.raises(ValueError, match=r"seed \(checkpoint 3, now 4\)"):
         wrong.load_state_dict(state)
 
 
@@ -163,8 +167,8 @@ def test_mixing_weights_and_resume(tmp_path, processor):
     n = sum(c.values())
     for d, w in weights.items():  # binomial sd <= 0.015 at n=1200; 4 sd tolerance
         assert abs(c[d] / n - w) < 0.06, (d, c[d] / n)
-    # both ranks take the same number of steps even though they read different shards
-    other, ob = run_epoch(out, processor, 1, 2, **kw)
+    # samples_per_epoch is over all ranks: on 2 ranks each takes half the steps (same global batches)
+    other, ob = run_epoch(out, processor, 1, 2, **{**kw, "batch_size": 10})
     assert len(ob) == len(other) == 60
     # resume inside the mixing stream
     it_loader = build_loader(DataConfig(urls=out, **kw), processor, rank=0, world_size=1)
