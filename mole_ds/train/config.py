@@ -82,6 +82,9 @@ class TrainSection:
     """0 = evaluate only at the end."""
     eval_batches: int = 0
     """Held-out batches per rank per evaluation (0 = the whole held-out set)."""
+    log_sample_ids: bool = False
+    """Record the sample ids of every step's global batch (all ranks, rank order) in metrics.jsonl, as records of
+    kind "samples": an audit of what the run trained on (one gather per step)."""
     eval_exact_match_tokens: int = 16
     """Per-domain exact match of greedy answers at each evaluation, decoding up to this many tokens (short-answer
     data); 0 = loss only. Decoding is synced across ranks (and kept in step under ZeRO-3 when some ranks have

@@ -235,9 +235,11 @@ class Trainer:
             t0 = time.perf_counter()
             observe = ((lambda batch, out: self.routing.add(routing_counts_by_sample(self.model), batch["domain_ids"]))
                        if self.has_mole else None)
-            rec_step = train_step(self.engine, (self._next_batch() for _ in range(self.accum)),
-                                  vision_sync=self.vision_sync, observe=observe)
+            batches = [self._next_batch() for _ in range(self.accum)]
+            rec_step = train_step(self.engine, batches, vision_sync=self.vision_sync, observe=observe)
             self.step += 1
+            if cfg.train.log_sample_ids:
+                self._log_sample_ids([i for b in batches for i in b["ids"]])
             dt = time.perf_counter() - t0
             step_times.append(dt)
             stop.note_step(dt)
@@ -286,6 +288,13 @@ class Trainer:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         self.close()
         return summary
+
+    def _log_sample_ids(self, ids: list[str]) -> None:
+        every: list = [ids]
+        if dist.is_initialized() and self.world > 1:
+            every = [None] * self.world
+            dist.all_gather_object(every, ids)
+        self.metrics.log(self.step, "samples", {"ids": [i for r in every for i in r]})
 
     def _data_stats(self) -> tuple[dict, list[str]]:
         """Skip and fault counts summed over ranks (fixed key order, one all-reduce), and the skip-fraction

@@ -161,3 +161,81 @@ def test_mixing_mode_resize_continues_the_same_global_batches(tmp_path):
     head, state = _global_batches(_data_loaders(tmp_path, *LAYOUTS["w2"], **kw), steps=3)
     tail, _ = _global_batches(_data_loaders(tmp_path, *LAYOUTS["w1"], **kw), state=state)
     assert head + tail == ref
+
+
+# --- the whole product: a run checkpointed mid-epoch continues on another world size ---------------------------
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """`deepspeed launchers/train.py` over the demo data (24 samples: one epoch is 6 steps of a global batch of
+    4 from data.streams 4), fp32, sample ids logged:
+      w2:      2 ranks, ZeRO-3 ep 2, 6 steps uninterrupted (with a checkpoint at step 3, mid-epoch);
+      w2_w1:   that checkpoint resumed on 1 rank (ep 1, micro-batch 4) to step 6;
+      w1:      1 rank for 3 steps (checkpoint at step 3);
+      w1_w2:   that checkpoint resumed on 2 ranks (ZeRO-3 ep 2) to step 6."""
+    import subprocess
+
+    from tests.dist.test_expert_parallel import _free_port
+    from tests.dist.test_launcher import ENV, PY, ROOT, run
+
+    root = tmp_path_factory.mktemp("elastic_launch")
+    data = root / "data"
+    subprocess.run([str(PY), str(ROOT / "tools/make_demo_data.py"), "--out", str(data), "--train-per-domain", "8",
+                    "--eval-per-domain", "2", "--max-samples", "8"], env=ENV, check=True, capture_output=True, cwd=ROOT)
+    base = json.loads((ROOT / "ds_configs/zero3_ep_fp32.json").read_text())
+
+    def go(name: str, ranks: int, *extra: str) -> Path:
+        ds = {**base, "train_micro_batch_size_per_gpu": 4 // ranks,
+              "mole_ds": {"mole": {**base["mole_ds"]["mole"], "ep_size": ranks}}}
+        (root / f"{name}.json").write_text(json.dumps(ds))
+        out = root / name
+        run([str(PY.with_name("deepspeed")), "--num_gpus", str(ranks), "--master_port", str(_free_port()),
+             str(ROOT / "launchers/train.py"), "--deepspeed", str(root / f"{name}.json"),
+             "--config", str(ROOT / "launchers/configs/demo.yaml"),
+             "--data.train", str(data / "shards/train/manifest.json"), "--data.eval", "[]", "--data.streams", "4",
+             "--data.num_workers", "1", "--train.output_dir", str(out), "--train.max_steps", "6",
+             "--train.warmup_steps", "2", "--train.log_every", "1", "--train.log_sample_ids", "true",
+             "--checkpoint.every", "3", "--mole.dropout", "0", *extra], root / f"{name}.log")
+        return out
+
+    r = {"root": root}
+    r["w2"] = go("w2", 2)
+    r["w1"] = go("w1", 1, "--train.run_steps", "3")
+    ck = "checkpoints/step00000003"
+    r["w2_w1"] = go("w2_w1", 1, "--checkpoint.resume", str(r["w2"] / ck))
+    r["w1_w2"] = go("w1_w2", 2, "--checkpoint.resume", str(r["w1"] / ck))
+    return r
+
+
+def _records(out: Path, kind: str) -> dict[int, dict]:
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in recs if r["kind"] == kind}
+
+
+def test_launched_run_sees_one_epoch_whatever_the_world_size(launched):
+    ref = {s: r["ids"] for s, r in _records(launched["w2"], "samples").items()}
+    ids = [i for s in sorted(ref) for i in ref[s]]
+    assert sorted(ref) == [1, 2, 3, 4, 5, 6] and len(ids) == len(set(ids)) == 24  # one epoch, each sample once
+    for name, steps in (("w1", [1, 2, 3]), ("w2_w1", [4, 5, 6]), ("w1_w2", [4, 5, 6])):
+        got = {s: r["ids"] for s, r in _records(launched[name], "samples").items()}
+        assert sorted(got) == steps, name  # a resumed run writes to its own output_dir: steps 4-6
+        assert all(got[s] == ref[s] for s in steps), name  # the same samples in every global step
+
+
+@pytest.mark.parametrize("name", ["w1", "w2_w1", "w1_w2"])
+def test_launched_resize_continues_the_same_training(launched, name):
+    # The task loss is a mean over all supervised tokens of the step (not of per-rank means), so a step on
+    # 1 rank and the same step on 2 ranks are the same step.
+    ref = {s: r["loss"] for s, r in _records(launched["w2"], "train").items()}
+    got = {s: r["loss"] for s, r in _records(launched[name], "train").items()}
+    assert got, name
+    for s in got:
+        assert got[s] == pytest.approx(ref[s], abs=1e-4), (name, s, got[s], ref[s])
+    if name != "w1":
+        assert "re-slicing weights and Adam state" in (launched["root"] / f"{name}.log").read_text()
+        a = load_file(str(launched["w2"] / "checkpoints/step00000006/mole.safetensors"))
+        b = load_file(str(launched[name] / "checkpoints/step00000006/mole.safetensors"))
+        assert set(a) == set(b)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4, msg=k)
