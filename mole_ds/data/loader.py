@@ -123,8 +123,15 @@ class StreamingLoader:
         why = check_layout(streams, self.world_size, self.cfg.batch_size)
         if why:
             raise ValueError(why + " (set data.streams to a multiple of every world size the run may use)")
-        return StreamingDataset(self.cfg, self.shards, self.processor, self.rank, self.world_size,
-                                self.domain_names, streams)
+        ds = StreamingDataset(self.cfg, self.shards, self.processor, self.rank, self.world_size,
+                              self.domain_names, streams)
+        if self.cfg.num_workers > ds.n_workers and self.rank == 0:
+            log.warning("data.num_workers is %d but each rank owns %d stream(s) (data.streams %d, world size %d): "
+                        "%d worker(s) per rank would be idle and are not started. Each worker reads its own "
+                        "streams; more streams per rank (a multiple of the world size that divides the global "
+                        "batch %d) keep more workers busy", self.cfg.num_workers, ds.per_rank, streams,
+                        self.world_size, self.cfg.num_workers - ds.n_workers, self.cfg.batch_size * self.world_size)
+        return ds
 
     @property
     def streams(self) -> int:

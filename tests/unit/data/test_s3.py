@@ -44,6 +44,24 @@ def test_shard_verify_stream_on_s3(tmp_path, s3_env, processor):
     expected = [f"{n}-{i}" for n, k in sizes.items() for i in range(k)]
     assert sorted(seen) == sorted(expected)
 
+    # a mid-epoch resize from s3: 2 ranks take 2 steps, the merged position continues on 1 rank (same batches)
+    from mole_ds.data import merge_states
+
+    def loaders(world, batch):
+        return [build_loader(DataConfig(urls=f"{s3_env}/v1/", batch_size=batch, num_workers=1, max_length=256,
+                                        shuffle_buffer=4, streams=4), processor, rank=r, world_size=world)
+                for r in range(world)]
+
+    two = loaders(2, 2)
+    full = [[b["ids"] for b in ld] for ld in loaders(2, 2)]
+    full = [a + b for a, b in zip(*full)]  # global batches of the uninterrupted run
+    its = [iter(ld) for ld in two]
+    head = [a["ids"] + b["ids"] for a, b in zip(*[[next(it) for _ in range(2)] for it in its])]
+    state = json.loads(json.dumps(merge_states([ld.state_dict() for ld in two])))
+    one = loaders(1, 4)[0]
+    one.load_state_dict(state)
+    assert head + [b["ids"] for b in one] == full and len(full) == 12
+
     # corrupt one object in the bucket: --verify names it and fails
     bucket, _ = storage.split_s3(s3_env + "/x")
     storage.s3_client().put_object(Bucket=bucket, Key="v1/medical-000001.tar", Body=b"garbage" * 100)
