@@ -173,7 +173,9 @@ def launched(tmp_path_factory):
       w2:      2 ranks, ZeRO-3 ep 2, 6 steps uninterrupted (with a checkpoint at step 3, mid-epoch);
       w2_w1:   that checkpoint resumed on 1 rank (ep 1, micro-batch 4) to step 6;
       w1:      1 rank for 3 steps (checkpoint at step 3);
-      w1_w2:   that checkpoint resumed on 2 ranks (ZeRO-3 ep 2) to step 6."""
+      w1_w2:   that checkpoint resumed on 2 ranks (ZeRO-3 ep 2) to step 6;
+      w2_ep1:  w2's checkpoint resumed on 2 ranks with ep 1 (replicated experts) to step 6.
+    mole.dropout is 0: dropout masks belong to each rank's RNG stream, which another layout cannot continue."""
     import subprocess
 
     from tests.dist.test_expert_parallel import _free_port
@@ -185,9 +187,9 @@ def launched(tmp_path_factory):
                     "--eval-per-domain", "2", "--max-samples", "8"], env=ENV, check=True, capture_output=True, cwd=ROOT)
     base = json.loads((ROOT / "ds_configs/zero3_ep_fp32.json").read_text())
 
-    def go(name: str, ranks: int, *extra: str) -> Path:
+    def go(name: str, ranks: int, *extra: str, ep: int | None = None) -> Path:
         ds = {**base, "train_micro_batch_size_per_gpu": 4 // ranks,
-              "mole_ds": {"mole": {**base["mole_ds"]["mole"], "ep_size": ranks}}}
+              "mole_ds": {"mole": {**base["mole_ds"]["mole"], "ep_size": ep or ranks}}}
         (root / f"{name}.json").write_text(json.dumps(ds))
         out = root / name
         run([str(PY.with_name("deepspeed")), "--num_gpus", str(ranks), "--master_port", str(_free_port()),
@@ -205,6 +207,7 @@ def launched(tmp_path_factory):
     ck = "checkpoints/step00000003"
     r["w2_w1"] = go("w2_w1", 1, "--checkpoint.resume", str(r["w2"] / ck))
     r["w1_w2"] = go("w1_w2", 2, "--checkpoint.resume", str(r["w1"] / ck))
+    r["w2_ep1"] = go("w2_ep1", 2, "--checkpoint.resume", str(r["w2"] / ck), ep=1)
     return r
 
 
@@ -217,13 +220,13 @@ def test_launched_run_sees_one_epoch_whatever_the_world_size(launched):
     ref = {s: r["ids"] for s, r in _records(launched["w2"], "samples").items()}
     ids = [i for s in sorted(ref) for i in ref[s]]
     assert sorted(ref) == [1, 2, 3, 4, 5, 6] and len(ids) == len(set(ids)) == 24  # one epoch, each sample once
-    for name, steps in (("w1", [1, 2, 3]), ("w2_w1", [4, 5, 6]), ("w1_w2", [4, 5, 6])):
+    for name, steps in (("w1", [1, 2, 3]), ("w2_w1", [4, 5, 6]), ("w1_w2", [4, 5, 6]), ("w2_ep1", [4, 5, 6])):
         got = {s: r["ids"] for s, r in _records(launched[name], "samples").items()}
         assert sorted(got) == steps, name  # a resumed run writes to its own output_dir: steps 4-6
         assert all(got[s] == ref[s] for s in steps), name  # the same samples in every global step
 
 
-@pytest.mark.parametrize("name", ["w1", "w2_w1", "w1_w2"])
+@pytest.mark.parametrize("name", ["w1", "w2_w1", "w1_w2", "w2_ep1"])
 def test_launched_resize_continues_the_same_training(launched, name):
     # The task loss is a mean over all supervised tokens of the step (not of per-rank means), so a step on
     # 1 rank and the same step on 2 ranks are the same step.
