@@ -330,6 +330,12 @@ def check_against_deepspeed(cfg: RunConfig, ds: dict[str, Any], world_size: int)
     tb = ds.get("train_batch_size")
     if isinstance(tb, int) and isinstance(mb, int) and isinstance(ga, int) and tb != mb * ga * world_size:
         p.append(f"train_batch_size ({tb}) must equal micro-batch ({mb}) x grad accumulation ({ga}) x world ({world_size})")
+    if cfg.data.streams and isinstance(mb, int) and mb >= 1:
+        from ..data.pipeline import check_layout
+
+        why = check_layout(cfg.data.streams, world_size, mb)
+        if why:
+            p.append(why.replace("per-rank batch size", "per-rank batch size (train_micro_batch_size_per_gpu)"))
     if cfg.model.train_base and stage == 3:
         p.append("model.train_base (true) needs zero_optimization.stage 0, 1 or 2 (got 3)")
     if cfg.model.train_base and isinstance(ep, int) and ep > 1:
