@@ -180,6 +180,7 @@ class StreamingLoader:
                 self.dataset = self._dataset(V)  # keep the run's streams where the new layout allows them
             self.epoch = sd["epoch"] + (1 if done else 0)
             self.steps, self.positions = 0, {}
+            self.dataset.set_epoch(self.epoch)  # len() is this epoch's
             return
         where = f"in the middle of epoch {sd['epoch']} (step {sd['steps']} of {sd['epoch_steps']})"
         if self.cfg.streams and self.cfg.streams != V:
@@ -206,6 +207,7 @@ class StreamingLoader:
                              "ranks (mole_ds.data.merge_states) before it is saved")
         self.epoch, self.steps = sd["epoch"], consumed // c
         self.positions = {v: pos[v] for v in self.dataset.mine}
+        self.dataset.set_epoch(self.epoch)
 
     def __iter__(self) -> Iterator[dict]:
         self.dataset.set_epoch(self.epoch)
