@@ -52,7 +52,8 @@ class DataSection:
     """Streams, the unit of reading and of the resume position: each rank owns streams / world size of them and
     every step takes batch / streams-per-rank samples from each, so a checkpoint resumes exactly (mid-epoch too)
     on any world size dividing it. 0 = world size x num_workers (reduced to divide the batch); set a number with
-    the divisors the run may need (e.g. 16 for 1, 2, 4, 8 or 16 ranks)."""
+    the divisors the run may need (e.g. 16 for 1, 2, 4, 8 or 16 ranks). Each stream has its own shuffle buffer
+    (shuffle_buffer raw samples) and open shard, so host memory for buffers grows with streams per rank."""
     seed: int = 0
     chat_format: str = "vicuna_v1"
     """Prompt format: 'vicuna_v1' (LLaVA-1.5's training format) or 'template' (the tokenizer's chat_template)."""
