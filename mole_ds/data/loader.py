@@ -126,10 +126,10 @@ class StreamingLoader:
         ds = StreamingDataset(self.cfg, self.shards, self.processor, self.rank, self.world_size,
                               self.domain_names, streams)
         if self.cfg.num_workers > ds.n_workers and self.rank == 0:
-            log.warning("data.num_workers is %d but each rank owns %d stream(s) (data.streams %d, world size %d): "
-                        "%d worker(s) per rank would be idle and are not started. Each worker reads its own "
-                        "streams; more streams per rank (a multiple of the world size that divides the global "
-                        "batch %d) keep more workers busy", self.cfg.num_workers, ds.per_rank, streams,
+            log.warning("data.num_workers is %d but each rank reads %d stream(s) per step (data.streams %d, world "
+                        "size %d): %d worker(s) per rank would be idle and are not started. Each worker reads its "
+                        "own streams; more streams per rank (a multiple of the world size that divides the global "
+                        "micro-batch %d) keep more workers busy", self.cfg.num_workers, ds.layout.per_step, streams,
                         self.world_size, self.cfg.num_workers - ds.n_workers, self.cfg.batch_size * self.world_size)
         return ds
 
@@ -151,7 +151,8 @@ class StreamingLoader:
             "steps": self.steps,
             "streams": self.streams,
             "per_stream_per_step": self.dataset.c,
-            "samples_consumed": self.steps * self.dataset.c * self.streams,  # over all ranks
+            "steps_per_round": self.dataset.k,
+            "samples_consumed": self.steps * self.cfg.batch_size * self.world_size,  # over all ranks
             "seed": self.cfg.seed,
             "domain_weights": self.cfg.domain_weights,
             "samples_per_epoch": self.cfg.samples_per_epoch,
@@ -192,21 +193,34 @@ class StreamingLoader:
                              f"continue: {why}")
         if V != self.streams:
             self.dataset = self._dataset(V)
-        consumed = int(sd["steps"]) * int(sd["per_stream_per_step"])  # samples taken from every stream
-        c = self.dataset.c
-        if consumed % c:
-            raise ValueError(f"the checkpoint was taken {where} after {consumed} samples per stream; this layout "
-                             f"takes {c} per stream per step (batch_size {self.cfg.batch_size}, world size "
-                             f"{self.world_size}, data.streams {V}), which does not divide it: resume with a "
-                             "global batch that does, or from an epoch boundary")
+        steps, k_old, c_old = int(sd["steps"]), int(sd.get("steps_per_round", 1)), int(sd["per_stream_per_step"])
+        lay = self.dataset.layout
         pos = {int(v): p for v, p in sd.get("positions", {}).items()}
-        missing = [v for v in self.dataset.mine if v not in pos]
+        if steps % k_old:
+            # Inside a round (only when a step's global batch is smaller than data.streams): the streams of the
+            # round's later groups are one sample behind, so only the same layout continues it.
+            if (k_old, c_old, sd.get("world_size")) != (lay.k, lay.c, self.world_size):
+                raise ValueError(f"the checkpoint was taken {where}, inside a round of {k_old} steps (data.streams "
+                                 f"{V} > global micro-batch): only the same world size and batch size continue it; "
+                                 "checkpoint at a whole round (a global batch that data.streams divides)")
+            new_steps = steps
+            first_round_unread = {v for j in range(steps, lay.k) for v in lay.streams_of(j)}
+        else:
+            consumed = steps // k_old * c_old  # samples taken from every stream
+            if consumed % lay.c:
+                raise ValueError(f"the checkpoint was taken {where} after {consumed} samples per stream; this layout "
+                                 f"takes {lay.c} per stream per step (batch_size {self.cfg.batch_size}, world size "
+                                 f"{self.world_size}, data.streams {V}), which does not divide it: resume with a "
+                                 "global batch that does, or from an epoch boundary")
+            new_steps = consumed // lay.c * lay.k
+            first_round_unread = set()
+        missing = [v for v in self.dataset.mine if v not in pos and v not in first_round_unread]
         if missing:
             raise ValueError(f"data state has no position for stream(s) {missing[:8]} of this rank (it holds "
                              f"{sorted(pos)[:8]}...): a state of one rank of a larger run must be merged over all "
                              "ranks (mole_ds.data.merge_states) before it is saved")
-        self.epoch, self.steps = sd["epoch"], consumed // c
-        self.positions = {v: pos[v] for v in self.dataset.mine}
+        self.epoch, self.steps = sd["epoch"], new_steps
+        self.positions = {v: pos[v] for v in self.dataset.mine if v in pos}
         self.dataset.set_epoch(self.epoch)
 
     def __iter__(self) -> Iterator[dict]:
@@ -255,7 +269,7 @@ class StreamingLoader:
 def merge_states(states: list[dict]) -> dict:
     """The run's data position from every rank's ``StreamingLoader.state_dict()`` (any order)."""
     first = states[0]
-    for k in ("version", "epoch", "steps", "streams", "per_stream_per_step", "seed", "shards"):
+    for k in ("version", "epoch", "steps", "streams", "per_stream_per_step", "steps_per_round", "seed", "shards"):
         vals = {json.dumps(s.get(k)) for s in states}
         if len(vals) > 1:
             raise ValueError(f"the ranks' data states disagree on {k}: {sorted(vals)}")

@@ -55,18 +55,56 @@ log = logging.getLogger(__name__)
 
 
 def check_layout(streams: int, world_size: int, batch_size: int) -> str | None:
-    """Why (streams, world_size, per-rank batch_size) cannot be a layout, or None when it can."""
+    """Why (streams, world_size, per-rank batch_size) cannot be a layout, or None when it can (see
+    :class:`Layout`)."""
     if streams < 1:
         return f"data.streams ({streams}) must be >= 1"
-    if streams % world_size:
-        return (f"data.streams ({streams}) must be a multiple of the world size ({world_size}): each rank owns "
-                "streams/world_size streams")
-    per_rank = streams // world_size
-    if batch_size % per_rank:
-        return (f"the per-rank batch size ({batch_size}) must be a multiple of the streams per rank "
-                f"({per_rank} = data.streams {streams} / world size {world_size}): every step takes the same "
-                "number of samples from every stream")
+    g = world_size * batch_size
+    if g >= streams:
+        if streams % world_size:
+            return (f"data.streams ({streams}) must be a multiple of the world size ({world_size}): each rank owns "
+                    "streams/world_size streams")
+        if batch_size % (streams // world_size):
+            return (f"the per-rank batch size ({batch_size}) must be a multiple of the streams per rank "
+                    f"({streams // world_size} = data.streams {streams} / world size {world_size}): every step "
+                    "takes the same number of samples from every stream")
+    elif streams % g:
+        return (f"data.streams ({streams}) must be a multiple of the global micro-batch ({g} = batch size "
+                f"{batch_size} x world size {world_size}) when it is larger: each step takes one sample from "
+                "each stream of one group of that many")
     return None
+
+
+class Layout:
+    """Which streams a rank reads at which step (the same global order for every valid world size).
+
+    g = world_size * batch_size samples per step over all ranks.  g >= V: every step takes c = g / V samples
+    from every stream, rank r owning the contiguous block [r V/W, (r+1) V/W).  g < V: the V streams form
+    k = V / g groups of g, step s takes one sample from each stream of group s mod k (a *round* is k steps),
+    rank r owning the streams j*g + r*B + i (i < B) of every group j.  Either way, after every whole round all
+    streams have given the same number of samples, and the samples of a round do not depend on the world size.
+    """
+
+    def __init__(self, streams: int, world_size: int, batch_size: int, rank: int):
+        why = check_layout(streams, world_size, batch_size)
+        if why:
+            raise ValueError(why)
+        self.V, self.W, self.B = streams, world_size, batch_size
+        g = world_size * batch_size
+        self.k = max(1, streams // g)  # steps per round
+        self.c = max(1, g // streams)  # samples per active stream per step
+        self.active = min(g, streams)  # streams taking part in one step, over all ranks
+        self.per_step = self.active // world_size  # of them on one rank
+        self.rank = rank
+
+    def streams_of(self, group: int) -> list[int]:
+        """This rank's streams that step s with s % k == group reads, in global order."""
+        base = group * self.active + self.rank * self.per_step
+        return list(range(base, base + self.per_step))
+
+    @property
+    def mine(self) -> list[int]:
+        return [v for j in range(self.k) for v in self.streams_of(j)]
 
 
 def default_streams(world_size: int, batch_size: int, workers_per_rank: int) -> int:
@@ -243,14 +281,11 @@ class StreamingDataset(IterableDataset):
         self.cfg, self.shards, self.processor = cfg, shards, processor
         self.rank, self.world_size = rank, world_size
         self.domain_names = domain_names
-        why = check_layout(streams, world_size, cfg.batch_size)
-        if why:
-            raise ValueError(why)
-        self.V = streams
-        self.per_rank = streams // world_size
-        self.c = cfg.batch_size // self.per_rank  # samples per stream per step
-        self.mine = list(range(rank * self.per_rank, (rank + 1) * self.per_rank))
-        self.n_workers = min(cfg.workers_per_rank, self.per_rank)
+        self.layout = Layout(streams, world_size, cfg.batch_size, rank)
+        self.V, self.c, self.k = streams, self.layout.c, self.layout.k
+        self.mine = self.layout.mine
+        self.per_rank = len(self.mine)
+        self.n_workers = min(cfg.workers_per_rank, self.layout.per_step)
         self.epoch = 0
         self.start_step = 0
         self.start_positions: dict[int, dict] = {}
@@ -265,11 +300,12 @@ class StreamingDataset(IterableDataset):
     def _domain_shards(self, d: str) -> list[ShardInfo]:
         return [s for s in self.shards if s.domain == d]
 
-    def worker_streams(self, w: int) -> list[int]:
-        """Worker w's streams: a contiguous block of this rank's (so worker order is stream order)."""
-        q, r = divmod(self.per_rank, self.n_workers)
+    def worker_streams(self, w: int, group: int) -> list[int]:
+        """Worker w's streams in a group: a contiguous block of this rank's (so worker order is stream order)."""
+        mine = self.layout.streams_of(group)
+        q, r = divmod(len(mine), self.n_workers)
         start = w * q + min(w, r)
-        return self.mine[start:start + q + (1 if w < r else 0)]
+        return mine[start:start + q + (1 if w < r else 0)]
 
     def _epoch_samples_per_stream(self) -> int:
         """Samples every stream yields per epoch before padding: the largest stream's (computed over all V
@@ -299,8 +335,9 @@ class StreamingDataset(IterableDataset):
 
     @property
     def steps_per_epoch(self) -> int:
-        """Steps per epoch on every rank: the largest stream's samples, c per step (smaller streams pad)."""
-        return max(1, -(-self.epoch_samples // self.c))
+        """Steps per epoch on every rank: the largest stream's samples, c per step of its group, k steps per
+        round (smaller streams pad)."""
+        return max(1, -(-self.epoch_samples // self.c)) * self.k
 
     def _raw(self, v: int, shards: list[ShardInfo], tag: str, stats: Counter) -> RawStream:
         mine, split = plan_stream(shards, v, self.V, self.cfg.seed, self.epoch, tag, self.cfg.shuffle_shards)
@@ -323,9 +360,10 @@ class StreamingDataset(IterableDataset):
         enc = SampleEncoder(self.processor, self.domain_names, self.cfg.max_length, self.cfg.mismatch_policy,
                             self.cfg.process_images, self.cfg.chat_format)
         examples: dict[str, str] = {}  # one detail per skip reason, for error messages
-        streams = [_Stream(self, v, enc, stats, examples, self.start_positions.get(v))
-                   for v in self.worker_streams(worker)]
-        for _ in range(self.start_step, self.steps_per_epoch):
+        groups = [[_Stream(self, v, enc, stats, examples, self.start_positions.get(v))
+                   for v in self.worker_streams(worker, j)] for j in range(self.k)]
+        for step in range(self.start_step, self.steps_per_epoch):
+            streams = groups[step % self.k]
             samples = [x for s in streams for x in s.take(self.c)]
             item = {"samples": samples, "_pos": {s.v: s.position() for s in streams},
                     "_stats": dict(stats - reported)}

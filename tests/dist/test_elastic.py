@@ -97,9 +97,9 @@ def _data_loaders(tmp_path, world, batch_size, num_workers=0, streams=4, **kw):
     return [build_loader(cfg, proc, rank=r, world_size=world) for r in range(world)]
 
 
-def _global_batches(loaders, steps=None, state=None):
-    """Run the ranks' loaders side by side: the ids of each global step (rank order), and the merged state
-    after `steps` steps (None: the whole epoch)."""
+def _global_batches(loaders, steps=None, state=None, accum=1):
+    """Run the ranks' loaders side by side: the ids of each global batch (rank order within a step, `accum`
+    steps per global batch), and the merged state after `steps` steps (None: the whole epoch)."""
     from mole_ds.data import merge_states
 
     if state is not None:
@@ -110,56 +110,77 @@ def _global_batches(loaders, steps=None, state=None):
         it = iter(ld)
         per_rank.append([b["ids"] for b in (it if steps is None else (next(it) for _ in range(steps)))])
         it.close()
-    out = [[i for ids in step for i in ids] for step in zip(*per_rank, strict=True)]
+    micro = [[i for ids in step for i in ids] for step in zip(*per_rank, strict=True)]
+    out = [[i for m in micro[s:s + accum] for i in m] for s in range(0, len(micro), accum)]
     merged = json.loads(json.dumps(merge_states([ld.state_dict() for ld in loaders])))  # as in a checkpoint
     return out, merged
 
 
-# (world size, per-rank batch, DataLoader workers): the same global batch of 4 samples from 4 streams.
-LAYOUTS = {"w2": (2, 2, 1), "w1": (1, 4, 2), "w4": (4, 1, 0)}
+# (world size, per-rank batch, DataLoader workers, steps per global batch of 4 samples from 4 streams).
+# w1_mb2 and w2_mb1 take 2 samples per step: each step reads one of two groups of 2 streams (a round is 2 steps),
+# as a run with gradient accumulation 2 would.
+LAYOUTS = {"w2": (2, 2, 1, 1), "w1": (1, 4, 2, 1), "w4": (4, 1, 0, 1), "w1_mb2": (1, 2, 1, 2), "w2_mb1": (2, 1, 0, 2)}
+
+
+def _run(tmp_path, name, steps=None, state=None, **kw):
+    world, batch, workers, accum = LAYOUTS[name]
+    return _global_batches(_data_loaders(tmp_path, world, batch, workers, **kw), steps, state, accum)
 
 
 def test_global_batches_do_not_depend_on_the_world_size(tmp_path):
-    ref, _ = _global_batches(_data_loaders(tmp_path, *LAYOUTS["w2"]))
+    ref, _ = _run(tmp_path, "w2")
     ids = [i for b in ref for i in b]
     assert len(ref) == 6 and len(ids) == len(set(ids)) == 24  # one epoch, each sample once
-    for name in ("w1", "w4"):
-        got, _ = _global_batches(_data_loaders(tmp_path, *LAYOUTS[name]))
+    for name in ("w1", "w4", "w1_mb2", "w2_mb1"):
+        got, _ = _run(tmp_path, name)
         assert got == ref, name
 
 
-@pytest.mark.parametrize("src,dst", [("w2", "w1"), ("w1", "w2"), ("w2", "w4"), ("w4", "w1")])
+@pytest.mark.parametrize("src,dst", [("w2", "w1"), ("w1", "w2"), ("w2", "w4"), ("w4", "w1"), ("w2", "w1_mb2"),
+                                     ("w1_mb2", "w2"), ("w2_mb1", "w1_mb2")])
 def test_mid_epoch_resize_continues_the_same_global_batches(tmp_path, src, dst):
-    ref, _ = _global_batches(_data_loaders(tmp_path, *LAYOUTS[src]))
-    head, state = _global_batches(_data_loaders(tmp_path, *LAYOUTS[src]), steps=2)
-    assert state["steps"] == 2 and len(state["positions"]) == 4
-    tail, end = _global_batches(_data_loaders(tmp_path, *LAYOUTS[dst]), state=state)
-    assert head + tail == ref  # nothing repeated, nothing skipped, and the same samples in every step
+    ref, _ = _run(tmp_path, src)
+    head, state = _run(tmp_path, src, steps=2 * LAYOUTS[src][3])  # two global batches
+    assert len(head) == 2 and len(state["positions"]) == 4
+    tail, end = _run(tmp_path, dst, state=state)
+    assert head + tail == ref  # nothing repeated, nothing skipped, and the same samples in every global batch
     assert end["epoch"] == 1 and end["steps"] == 0
 
 
+def test_inside_a_round_only_the_same_layout_continues(tmp_path):
+    ref, _ = _run(tmp_path, "w1_mb2")
+    _, state = _run(tmp_path, "w1_mb2", steps=3)  # 1.5 global batches: inside the second round
+    with pytest.raises(ValueError, match=r"inside a round of 2 steps .*only the same world size and batch size"):
+        _data_loaders(tmp_path, 2, 2, 1)[0].load_state_dict(state)
+    loader = _data_loaders(tmp_path, 1, 2, 1)[0]
+    loader.load_state_dict(state)
+    rest = [b["ids"] for b in loader]
+    flat = [i for b in ref for i in b]
+    assert [i for b in rest for i in b] == flat[6:]  # steps 4-12 of 2 samples each
+
+
 def test_mid_epoch_resize_that_cannot_be_exact_is_refused(tmp_path):
-    _, state = _global_batches(_data_loaders(tmp_path, *LAYOUTS["w2"]), steps=3)
+    _, state = _run(tmp_path, "w2", steps=3)
     with pytest.raises(ValueError, match=r"middle of epoch 0 \(step 3 of 6\) with data.streams 4.*multiple of "
                                          r"the world size \(3\)"):
         _data_loaders(tmp_path, 3, 2, streams=None)[0].load_state_dict(state)  # 4 streams cannot split over 3 ranks
     with pytest.raises(ValueError, match=r"after 3 samples per stream; this layout takes 2 per stream"):
         _data_loaders(tmp_path, 2, 4)[0].load_state_dict(state)  # a global batch of 8 does not divide 3
-    one_rank = _data_loaders(tmp_path, *LAYOUTS["w2"])[0]
+    one_rank = _data_loaders(tmp_path, 2, 2)[0]
     it = iter(one_rank)
     next(it)
     unmerged = one_rank.state_dict()  # rank 0's streams only
     it.close()
     with pytest.raises(ValueError, match=r"no position for stream\(s\) \[2, 3\].*merged over all ranks"):
-        _data_loaders(tmp_path, *LAYOUTS["w1"])[0].load_state_dict(unmerged)
+        _data_loaders(tmp_path, 1, 4, 2)[0].load_state_dict(unmerged)
 
 
 def test_mixing_mode_resize_continues_the_same_global_batches(tmp_path):
     kw = dict(domain_weights={"general": 0.5, "medical": 0.5}, samples_per_epoch=32)
-    ref, _ = _global_batches(_data_loaders(tmp_path, *LAYOUTS["w2"], **kw))
+    ref, _ = _run(tmp_path, "w2", **kw)
     assert len(ref) == 8
-    head, state = _global_batches(_data_loaders(tmp_path, *LAYOUTS["w2"], **kw), steps=3)
-    tail, _ = _global_batches(_data_loaders(tmp_path, *LAYOUTS["w1"], **kw), state=state)
+    head, state = _run(tmp_path, "w2", steps=3, **kw)
+    tail, _ = _run(tmp_path, "w1_mb2", state=state, **kw)
     assert head + tail == ref
 
 
@@ -174,7 +195,8 @@ def launched(tmp_path_factory):
       w2_w1:   that checkpoint resumed on 1 rank (ep 1, micro-batch 4) to step 6;
       w1:      1 rank for 3 steps (checkpoint at step 3);
       w1_w2:   that checkpoint resumed on 2 ranks (ZeRO-3 ep 2) to step 6;
-      w2_ep1:  w2's checkpoint resumed on 2 ranks with ep 1 (replicated experts) to step 6.
+      w2_ep1:  w2's checkpoint resumed on 2 ranks with ep 1 (replicated experts) to step 6;
+      w1_ga2:  w2's checkpoint resumed on 1 rank keeping the micro-batch of 2, with gradient accumulation 2.
     mole.dropout is 0: dropout masks belong to each rank's RNG stream, which another layout cannot continue."""
     import subprocess
 
@@ -187,8 +209,8 @@ def launched(tmp_path_factory):
                     "--eval-per-domain", "2", "--max-samples", "8"], env=ENV, check=True, capture_output=True, cwd=ROOT)
     base = json.loads((ROOT / "ds_configs/zero3_ep_fp32.json").read_text())
 
-    def go(name: str, ranks: int, *extra: str, ep: int | None = None) -> Path:
-        ds = {**base, "train_micro_batch_size_per_gpu": 4 // ranks,
+    def go(name: str, ranks: int, *extra: str, ep: int | None = None, accum: int = 1) -> Path:
+        ds = {**base, "train_micro_batch_size_per_gpu": 4 // ranks // accum, "gradient_accumulation_steps": accum,
               "mole_ds": {"mole": {**base["mole_ds"]["mole"], "ep_size": ep or ranks}}}
         (root / f"{name}.json").write_text(json.dumps(ds))
         out = root / name
@@ -208,6 +230,7 @@ def launched(tmp_path_factory):
     r["w2_w1"] = go("w2_w1", 1, "--checkpoint.resume", str(r["w2"] / ck))
     r["w1_w2"] = go("w1_w2", 2, "--checkpoint.resume", str(r["w1"] / ck))
     r["w2_ep1"] = go("w2_ep1", 2, "--checkpoint.resume", str(r["w2"] / ck), ep=1)
+    r["w1_ga2"] = go("w1_ga2", 1, "--checkpoint.resume", str(r["w2"] / ck), accum=2)
     return r
 
 
@@ -220,13 +243,14 @@ def test_launched_run_sees_one_epoch_whatever_the_world_size(launched):
     ref = {s: r["ids"] for s, r in _records(launched["w2"], "samples").items()}
     ids = [i for s in sorted(ref) for i in ref[s]]
     assert sorted(ref) == [1, 2, 3, 4, 5, 6] and len(ids) == len(set(ids)) == 24  # one epoch, each sample once
-    for name, steps in (("w1", [1, 2, 3]), ("w2_w1", [4, 5, 6]), ("w1_w2", [4, 5, 6]), ("w2_ep1", [4, 5, 6])):
+    for name, steps in (("w1", [1, 2, 3]), ("w2_w1", [4, 5, 6]), ("w1_w2", [4, 5, 6]), ("w2_ep1", [4, 5, 6]),
+                        ("w1_ga2", [4, 5, 6])):
         got = {s: r["ids"] for s, r in _records(launched[name], "samples").items()}
         assert sorted(got) == steps, name  # a resumed run writes to its own output_dir: steps 4-6
         assert all(got[s] == ref[s] for s in steps), name  # the same samples in every global step
 
 
-@pytest.mark.parametrize("name", ["w1", "w2_w1", "w1_w2", "w2_ep1"])
+@pytest.mark.parametrize("name", ["w1", "w2_w1", "w1_w2", "w2_ep1", "w1_ga2"])
 def test_launched_resize_continues_the_same_training(launched, name):
     # The task loss is a mean over all supervised tokens of the step (not of per-rank means), so a step on
     # 1 rank and the same step on 2 ranks are the same step.

@@ -42,8 +42,9 @@ def test_valid_config_merges_deepspeed_file_then_overrides(tmp_path):
     (2, ["--data.storage_timeout_s", "4000"], r"train.collective_timeout_s \(1800\) must exceed data.storage_timeout_s \(4000\)"),
     (2, ["--data.chat_format", "chatml"], r"data.chat_format \('chatml'\) must be one of vicuna_v1, template"),
     (4, ["--data.streams", "6"], r"data.streams \(6\) must be a multiple of the world size \(4\)"),
-    (2, ["--data.streams", "8"], r"per-rank batch size \(train_micro_batch_size_per_gpu\) \(2\) must be a multiple of "
-                                 r"the streams per rank \(4 = data.streams 8 / world size 2\)"),
+    (2, ["--data.streams", "6"], r"data.streams \(6\) must be a multiple of the global micro-batch \(4 = batch size 2 "
+                                 r"x world size 2\)"),
+
     (2, ["--config", "/nonexistent/run.yaml"], r"--config \(/nonexistent/run.yaml\) does not exist"),
 ])
 def test_config_errors(tmp_path, world, overrides, message):

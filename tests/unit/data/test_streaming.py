@@ -185,3 +185,17 @@ def test_data_config_errors():
     msg = str(ei.value)
     for part in ("urls ('')", "batch_size (0)", "mismatch_policy ('drop')", "domain_weights['a'] (-1)"):
         assert part in msg
+
+
+def test_stream_layout_rules():
+    from mole_ds.data.pipeline import Layout, check_layout
+
+    assert check_layout(4, 2, 2) is None and check_layout(8, 2, 2) is None and check_layout(2, 2, 4) is None
+    assert "per-rank batch size (3) must be a multiple of the streams per rank (2" in check_layout(4, 2, 3)
+    assert "multiple of the world size (3)" in check_layout(4, 3, 2)
+    assert "multiple of the global micro-batch (4" in check_layout(6, 2, 2)
+    # 8 streams, 2 ranks x 2 per step: two groups of 4; rank 1 reads streams 2, 3 then 6, 7
+    lay = Layout(8, 2, 2, rank=1)
+    assert (lay.k, lay.c) == (2, 1) and lay.streams_of(0) == [2, 3] and lay.streams_of(1) == [6, 7]
+    lay = Layout(4, 2, 4, rank=1)  # 2 samples from each of its 2 streams per step
+    assert (lay.k, lay.c) == (1, 2) and lay.mine == [2, 3]
