@@ -26,10 +26,11 @@ class DataConfig:
     samples_per_epoch: samples per epoch over all ranks.  Mixing mode: default = all samples of the weighted
         domains.  Exact mode: must stay None (derived from the shards so that every sample is seen).
     streams: number of streams, the unit of reading and of the resume position (see mole_ds.data.pipeline):
-        each rank owns streams / world_size of them, and every step takes batch_size * world_size / streams
-        samples from each.  A checkpoint resumes exactly, mid-epoch included, on any world size that divides
-        it (with a per-rank batch size that divides into its streams).  None = world_size * num_workers
-        (reduced to divide the batch); set it to a multiple of every world size the run may move to.
+        with g = batch_size * world_size >= streams, each rank owns streams / world_size of them and every step
+        takes g / streams samples from each; with g < streams, each step takes one sample from each stream of one
+        group of g (streams / g steps per round).  A checkpoint resumes exactly, mid-epoch included, on any
+        world size and batch size that fit the same number of streams.  None = world_size * num_workers
+        (reduced to divide the batch); set a number with the divisors the run may need.
     process_images: run the image processor (False: images are only decoded, for benchmarking).
     domain_names: fixed order of domain names -> integer ids in batches (default: weights order, else sorted).
     chat_format: prompt format of training (and of generation, see mole_ds.data.chat): 'vicuna_v1' (LLaVA-1.5)

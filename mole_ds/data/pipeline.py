@@ -1,10 +1,13 @@
 """Streaming shards into batches, split over ranks and DataLoader workers, resumable on any world size.
 
 Terms: a *stream* is the unit of reading and of the resume position.  A run has a fixed number of streams V
-(``data.streams``), independent of the world size: rank r of W owns streams [r*V/W, (r+1)*V/W), split in
-contiguous blocks over its DataLoader workers.  Every global step takes the same number c of samples from every
-stream (c = global batch / V), so the samples of global step s are the same whatever W is, and a checkpoint
-records one position per stream: it resumes exactly on any world size that divides V (mid-epoch included).
+(``data.streams``), independent of the world size W.  With g = W * batch_size samples per step over all ranks
+(:class:`Layout`): if g >= V, every step takes c = g / V samples from every stream, rank r owning streams
+[r*V/W, (r+1)*V/W); if g < V, the streams form k = V / g groups and step s takes one sample from each stream of
+group s mod k (a *round* of k steps, as with gradient accumulation).  Each rank's streams are split in
+contiguous blocks over its DataLoader workers.  So the samples of every whole round are the same whatever W and
+the batch size are, and a checkpoint, which records one position per stream, resumes exactly (mid-epoch
+included) on any layout that check_layout accepts for V.
 
 Algorithm of one stream's epoch (:class:`_Stream`):
   1. Every process computes the same plan from (seed, epoch): shard order shuffled, then shards assigned to

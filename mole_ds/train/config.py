@@ -49,11 +49,13 @@ class DataSection:
     samples_per_epoch: int = 0
     """Mixing mode (domain_weights set): samples per epoch over all ranks; 0 = derived from the shard manifest."""
     streams: int = 0
-    """Streams, the unit of reading and of the resume position: each rank owns streams / world size of them and
-    every step takes batch / streams-per-rank samples from each, so a checkpoint resumes exactly (mid-epoch too)
-    on any world size dividing it. 0 = world size x num_workers (reduced to divide the batch); set a number with
-    the divisors the run may need (e.g. 16 for 1, 2, 4, 8 or 16 ranks). Each stream has its own shuffle buffer
-    (shuffle_buffer raw samples) and open shard, so host memory for buffers grows with streams per rank."""
+    """Streams, the unit of reading and of the resume position (docs/data.md). With a global micro-batch
+    g = micro-batch x world size >= streams, each rank owns streams / world size of them and every step takes
+    g / streams samples from each; with g < streams, each step reads one group of g streams (streams / g steps per
+    round, as with gradient accumulation). A checkpoint resumes exactly (mid-epoch too) on any world size and
+    micro-batch that fit the same streams, e.g. 16 streams for 1-16 ranks with micro-batch x accumulation x
+    ranks = 16 or a multiple. 0 = world size x num_workers (reduced to divide the micro-batch). Each stream has its
+    own shuffle buffer (shuffle_buffer raw samples) and open shard, so buffer memory grows with streams per rank."""
     seed: int = 0
     chat_format: str = "vicuna_v1"
     """Prompt format: 'vicuna_v1' (LLaVA-1.5's training format) or 'template' (the tokenizer's chat_template)."""
