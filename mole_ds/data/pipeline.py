@@ -92,7 +92,6 @@ class Layout:
         why = check_layout(streams, world_size, batch_size)
         if why:
             raise ValueError(why)
-        self.V, self.W, self.B = streams, world_size, batch_size
         g = world_size * batch_size
         self.k = max(1, streams // g)  # steps per round
         self.c = max(1, g // streams)  # samples per active stream per step
@@ -287,7 +286,6 @@ class StreamingDataset(IterableDataset):
         self.layout = Layout(streams, world_size, cfg.batch_size, rank)
         self.V, self.c, self.k = streams, self.layout.c, self.layout.k
         self.mine = self.layout.mine
-        self.per_rank = len(self.mine)
         self.n_workers = min(cfg.workers_per_rank, self.layout.per_step)
         self.epoch = 0
         self.start_step = 0

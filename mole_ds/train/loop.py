@@ -138,12 +138,15 @@ class Trainer:
     def _data_state(self) -> dict:
         """The run's data position: every rank's streams, merged (so any world size can resume it, and a ZeRO
         stage that keeps only rank 0's client state still holds every rank's position)."""
-        local = self.loader.state_dict()
+        return merge_states(self._gather(self.loader.state_dict()))
+
+    def _gather(self, obj) -> list:
+        """``obj`` of every rank, in rank order (collective)."""
         if not dist.is_initialized() or self.world == 1:
-            return local
-        states: list = [None] * self.world
-        dist.all_gather_object(states, local)
-        return merge_states(states)
+            return [obj]
+        every: list = [None] * self.world
+        dist.all_gather_object(every, obj)
+        return every
 
     def maybe_resume(self) -> None:
         tag = find_resume(self.cfg.checkpoint.resume, self.ckpt_root)
@@ -290,11 +293,7 @@ class Trainer:
         return summary
 
     def _log_sample_ids(self, ids: list[str]) -> None:
-        every: list = [ids]
-        if dist.is_initialized() and self.world > 1:
-            every = [None] * self.world
-            dist.all_gather_object(every, ids)
-        self.metrics.log(self.step, "samples", {"ids": [i for r in every for i in r]})
+        self.metrics.log(self.step, "samples", {"ids": [i for r in self._gather(ids) for i in r]})
 
     def _data_stats(self) -> tuple[dict, list[str]]:
         """Skip and fault counts summed over ranks (fixed key order, one all-reduce), and the skip-fraction
