@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 
 from ..parallel import EPContext, create_expert_groups, is_expert_param, patch_model_expert_parallel
-from ..parallel.deepspeed_compat import check_deepspeed_version, moe_marker, split_moe_param_groups
+from ..parallel.deepspeed_compat import (check_deepspeed_version, coalesce_persistent_gathers, moe_marker,
+                                         split_moe_param_groups)
 from ..patching import PatchReport
 from .config import RunConfig
 from .model_loading import build_model, cast_unpartitioned, ds_stage, model_dtype, resolve_precision
@@ -137,6 +138,8 @@ def setup_training(cfg: RunConfig, ds: dict, total_steps: int | None = None,
     ds.setdefault("zero_allow_untested_optimizer", True)
     engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                  config=ds)
+    if stage == 3:
+        coalesce_persistent_gathers(engine.optimizer)
     return TrainSetup(engine, opt, sched, processor, report, ep, ds)
 
 

@@ -8,6 +8,7 @@ Writes to --out: losses.json (rank 0), final.safetensors (gathered trainable sta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 from datetime import timedelta
@@ -19,6 +20,7 @@ import torch.distributed as dist
 
 from mole_ds import MoLEConfig, mole_layers, routing_counts
 from mole_ds.parallel import comm_stats
+from mole_ds.parallel.deepspeed_compat import ZeroCommMeter
 from mole_ds.export import gather_trainable_state, save_consolidated
 from mole_ds.train.checkpoint import find_resume, load_checkpoint, save_training_checkpoint
 from mole_ds.train.shm import release_own_shm_buffer
@@ -70,6 +72,9 @@ def main() -> None:
     ap.add_argument("--save-at", type=int, default=0)
     ap.add_argument("--resume", default="none")
     ap.add_argument("--export", action="store_true")
+    ap.add_argument("--persist", action="store_true",
+                    help="ZeRO-3 with DeepSpeed's default persistence thresholds (the shipped configs): every tensor "
+                         "of the tiny model is kept whole and re-gathered after each optimizer step")
     args = ap.parse_args()
 
     # A collective that waits longer than this is a hang: fail the run rather than the test's timeout.
@@ -85,7 +90,7 @@ def main() -> None:
                         ep_size=args.ep, balance_coef=0.01, z_loss_coef=0.001),
         train=TrainSection(lr=1e-2, warmup_steps=0, min_lr_ratio=1.0, max_steps=args.steps, seed=0))
     zero = {"stage": args.stage}
-    if args.stage == 3:
+    if args.stage == 3 and not args.persist:
         zero.update({"stage3_param_persistence_threshold": 0, "stage3_model_persistence_threshold": 0})
     ds = {"train_micro_batch_size_per_gpu": mb, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
           "zero_optimization": zero, "bf16": {"enabled": False}, "steps_per_print": 10**9}
@@ -114,11 +119,17 @@ def main() -> None:
 
     losses = []
     comm = {}
+    zero_calls = {}
     for step in range(start, args.steps):
         batch = make_batch(step, vocab, image_token, n_img)
         mine = {k: v[rank * mb:(rank + 1) * mb] for k, v in batch.items()}
         comm_stats(model, reset=True)
-        rec = train_step(engine, [mine])  # the one training step the loop and the probe use
+        # The last step's ZeRO collectives, counted by DeepSpeed's own comms logger.
+        meter = ZeroCommMeter() if step == args.steps - 1 else contextlib.nullcontext()
+        with meter:
+            rec = train_step(engine, [mine])  # the one training step the loop and the probe use
+        if step == args.steps - 1:
+            zero_calls = dict(meter.calls_by_op)
         # The expert all-to-all traffic of this step's forward + backward, and the routing that caused it.
         st = comm_stats(model, reset=True)
         comm = {**vars(st), "counts": routing_counts(model).tolist(), "layers": len(mole_layers(model)),
@@ -142,6 +153,8 @@ def main() -> None:
         elif not p.requires_grad:
             held["base"][name] = {"local_numel": n_local, "full_numel": n_full}
     (out / f"rank{rank}.json").write_text(json.dumps(held))
+    comm["zero_calls_last_step"] = zero_calls
+    comm["persistent_params"] = len(getattr(engine.optimizer, "persistent_parameters", []) or [])
     (out / f"comm_rank{rank}.json").write_text(json.dumps(comm))
 
     c = routing_counts(model).clone()  # last step's tokens per (layer, expert) on this rank
