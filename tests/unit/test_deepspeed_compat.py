@@ -36,6 +36,12 @@ def test_private_group_registry_exists():
     ("def is_moe_param", "moe/utils.py"),
     ("def split_params_into_different_moe_groups_for_optimizer", "moe/utils.py"),
     ("comms_dict", "utils/comms_logging.py"),
+    # coalesce_persistent_gathers: what it wraps, and the gather it replaces (a per-tensor all_gather of the
+    # released persistent parameters after every step).
+    ("self.persistent_parameters[0].all_gather(self.persistent_parameters)", "runtime/zero/stage3.py"),
+    ("def _post_step(self", "runtime/zero/stage3.py"),
+    ("def checkpoint_event_epilogue(self", "runtime/zero/stage3.py"),
+    ("def all_gather_coalesced(params", "runtime/zero/partition_parameters.py"),
 ])
 def test_attribute_read_by_deepspeed(attr, where):
     assert attr in (DS / where).read_text(), f"{attr} not found in deepspeed/{where}"
@@ -60,3 +66,13 @@ def test_tags():
     from deepspeed.moe.utils import is_moe_param
 
     assert is_moe_param(p)  # what ZeRO-1/2 and the MoE param-group split test
+
+
+def test_coalesce_persistent_gathers_leaves_other_optimizers_alone():
+    class Plain:
+        def _post_step(self):
+            return "original"
+
+    opt = Plain()
+    assert compat.coalesce_persistent_gathers(opt) is False
+    assert opt._post_step() == "original"
