@@ -155,6 +155,15 @@ def test_persistent_tensors_are_regathered_in_one_collective(runs):
         assert dp["persistent_params"] == 0
 
 
+@pytest.mark.parametrize("name,world", [("z3_w2_dp", 2), ("z3_w4_ep4", 4)])
+def test_link_calibration_is_sane_and_shared(runs, name, world):
+    # cost_model.calibrate: every rank gets the same figures (mean over ranks), a positive latency and a finite
+    # bandwidth (a large message slower than a small one; a stalled measurement is repeated, not used).
+    links = [json.loads((runs[name] / f"link_rank{r}.json").read_text()) for r in range(world)]
+    assert all(x == links[0] for x in links), links
+    assert 0 < links[0]["alpha_s"] < 0.5 and 1e6 < links[0]["beta_Bps"] < 1e12, links[0]
+
+
 @pytest.mark.parametrize("name", ["z3_w2_ep2", "z2_w2_ep2"])
 def test_resume_equals_uninterrupted(runs, name):
     # ZeRO-2 needs each rank's experts restored from the checkpoint's consolidated file (DeepSpeed writes the

@@ -181,6 +181,11 @@ def main() -> None:
         em = make_em_batch(rank, vocab, image_token, n_img)
         correct = exact_match_step(model, setup.processor, em, 4, sync)
         (out / f"em_rank{rank}.json").write_text(json.dumps({"correct": correct, "images": int(em["pixel_values"].shape[0])}))
+    if world > 1:  # the link figures mole.ep_size auto decides from (a collective: every rank)
+        from mole_ds.parallel import cost_model
+
+        link = cost_model.calibrate()
+        (out / f"link_rank{rank}.json").write_text(json.dumps({"alpha_s": link.alpha_s, "beta_Bps": link.beta_Bps}))
     if rank == 0:
         from safetensors.torch import save_file
 
