@@ -154,6 +154,11 @@ def gather_persistent(params: list) -> None:
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     todo = [p for p in params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+    if any(getattr(p, "ds_secondary_tensor", None) is not None for p in todo):
+        # ZeRO++ hierarchical partitions (zero_hpz_partition_size > 1): the coalesced gather would read the
+        # secondary copies, which still hold the values from before this step; DeepSpeed's own call reads
+        # the primary ones and then invalidates the copies. Leave it to DeepSpeed.
+        return
     if todo:
         todo[0].all_gather_coalesced(todo).wait()
 
