@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,12 +25,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(tree: Path, precision: str, out: Path) -> Path:
@@ -46,8 +39,10 @@ def run_demo(tree: Path, precision: str, out: Path, extra: list[str], env: dict)
     """One demo launch of the code in ``tree``; its summary (or an error with the log's tail)."""
     out.mkdir(parents=True, exist_ok=True)
     cfg = _config(tree, precision, out)
+    from mole_ds.train.sweep import free_port
+
     deepspeed = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(_port()), "launchers/train.py",
+    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()), "launchers/train.py",
            "--deepspeed", str(cfg), "--config", "launchers/configs/demo.yaml",
            "--train.output_dir", str(out / "run"), *extra]
     res = subprocess.run(cmd, cwd=tree, env={**env, "PYTHONPATH": str(tree)}, capture_output=True, text=True)
