@@ -1,4 +1,4 @@
-"""Export a consolidated MoLE file as one PEFT LoRA adapter per expert, and find that file in a run.
+"""Export a consolidated MoLE file as one PEFT LoRA adapter per expert.
 
 Semantics of ``expert_{k}/``: the base model with expert k's LoRA on every decoder MLP (gate/up/down) plus the
 shared attention LoRA (q/k/v/o), each delta with weight 1 and PEFT scaling ``lora_alpha / r`` (= MoLE's
@@ -15,7 +15,7 @@ Routers are not exported (PEFT has no place for them). A trained multimodal proj
 adapter in PEFT's ``modules_to_save`` (saved under its plain module names, as PEFT itself writes it).
 
 Algorithm of :func:`export_peft_adapters`:
-  1. read the consolidated file (``mole_ds.export.read_consolidated``): trainable tensors + MoLE config;
+  1. read the consolidated file (``mole_ds.checkpoint.read_consolidated``): trainable tensors + MoLE config;
   2. sort its tensors into experts (``<lm>.layers.N.mlp.experts.{gate,up,down}_{A,B}``, E on dim 0), attention
      LoRA (``<lm>.layers.N.self_attn.{q,k,v,o}_proj.lora_{A,B}``), routers (dropped) and projector; anything
      else is an error (an adapter that silently lacks a trained tensor is worse than none);
@@ -35,49 +35,12 @@ import torch
 from safetensors.torch import save_file
 
 from .config import MoLEConfig
-from .export import CHECKPOINT_MARKER as CHECKPOINT_META
-from .export import CONSOLIDATED_NAME, read_consolidated
+from .checkpoint import read_consolidated
 
 _EXPERT_RE = re.compile(r"^(?P<lm>.*?)layers\.(?P<layer>\d+)\.mlp\.experts\.(?P<proj>gate|up|down)_(?P<ab>[AB])$")
 _ATTN_RE = re.compile(r"^(?P<lm>.*?)layers\.(?P<layer>\d+)\.self_attn\.(?P<proj>[qkvo]_proj)\.lora_(?P<ab>[AB])$")
 _ROUTER_RE = re.compile(r"^.*?layers\.\d+\.mlp\.router\.(weight|bias)$")
 _PROJECTOR_RE = re.compile(r"^(?P<module>(?:.*\.)?multi_modal_projector)\.(?P<rest>.+)$")
-
-
-def resolve_consolidated(path: str | Path) -> Path:
-    """The consolidated ``mole.safetensors`` that ``path`` names.
-
-    ``path`` may be the file itself (any name ending in .safetensors), a directory holding ``mole.safetensors``
-    (a checkpoint tag or a ``tools/export.py`` output), or a training ``output_dir`` (or its ``checkpoints/``
-    folder): then the newest complete checkpoint (a tag with ``mole_meta.json``) that has the file.
-    Raises FileNotFoundError / ValueError naming the path."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no such file or directory")
-    if p.is_file():
-        if p.suffix != ".safetensors":
-            raise ValueError(f"{p} is not a .safetensors file (give a consolidated mole.safetensors, a checkpoint "
-                             "tag directory or a training output_dir)")
-        return p
-    if (p / CONSOLIDATED_NAME).is_file():
-        return p / CONSOLIDATED_NAME
-    root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-    tags = [t for t in root.iterdir() if t.is_dir() and (t / CHECKPOINT_META).is_file()]
-    if not tags:
-        raise ValueError(f"{p} holds no {CONSOLIDATED_NAME} and no complete checkpoint (a tag directory with "
-                         f"{CHECKPOINT_META}) under {root}")
-
-    def step(t: Path) -> int:
-        try:
-            return int(json.loads((t / CHECKPOINT_META).read_text()).get("step", -1))
-        except (ValueError, OSError):
-            return -1
-
-    for tag in sorted(tags, key=step, reverse=True):
-        if (tag / CONSOLIDATED_NAME).is_file():
-            return tag / CONSOLIDATED_NAME
-    raise ValueError(f"{p}: no complete checkpoint under {root} has a {CONSOLIDATED_NAME} "
-                     f"(checked {', '.join(sorted(t.name for t in tags))})")
 
 
 def target_modules_regex(lm_prefix: str, attn: bool) -> str:

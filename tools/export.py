@@ -3,7 +3,8 @@
 
     python tools/export.py RUN_OR_CHECKPOINT --out DIR [--peft]
 
-INPUT is a training ``output_dir`` (the newest complete checkpoint is used), a checkpoint tag directory
+INPUT is a training ``output_dir`` (the newest checkpoint that passes verification; a damaged newer one is
+reported and skipped), a checkpoint tag directory
 (``.../checkpoints/stepXXXXXXXX``) or a consolidated ``.safetensors`` file. DIR receives:
 
 * ``mole.safetensors``: every trained tensor, full experts; ``mole_ds.load_mole(DIR/mole.safetensors, base)``
@@ -23,8 +24,8 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from mole_ds.export import FORMAT, read_consolidated
-from mole_ds.peft_export import CONSOLIDATED_NAME, export_peft_adapters, resolve_consolidated
+from mole_ds.checkpoint import CONSOLIDATED_NAME, FORMAT, read_config, read_consolidated, resolve_consolidated
+from mole_ds.peft_export import export_peft_adapters
 
 
 def export(src: str | Path, out: str | Path, peft: bool = False) -> list[Path]:
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     except SafetensorError as e:  # a truncated or corrupt file
         print(f"error: cannot read {args.input}: {e}", file=sys.stderr)
         return 2
-    _, cfg, extra = read_consolidated(written[0])
+    cfg, extra = read_config(written[0])
     print(f"source: {src} (step {extra.get('step', '?')}, {cfg.num_experts} experts, routing {cfg.routing}, "
           f"top_k {cfg.top_k}, base model {extra.get('base_model')})")
     for p in written:

@@ -75,3 +75,10 @@ class LoRAExperts(nn.Module):
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, offset={self.expert_offset}, rank={self.rank}"
+
+
+def is_expert_name(name: str) -> bool:
+    """Whether a parameter (or state-dict key) name is a LoRA expert tensor (``...mlp.experts.<tensor>``): the
+    one rule for names, used where no live parameter is at hand (files, state dicts, optimizer groups); for
+    live tensors under expert parallelism see ``mole_ds.parallel.deepspeed_compat.is_expert_param``."""
+    return ".experts." in name

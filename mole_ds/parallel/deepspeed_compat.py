@@ -105,6 +105,24 @@ def split_moe_param_groups(groups: list[dict]) -> list[dict]:
     return split_params_into_different_moe_groups_for_optimizer(groups)
 
 
+def is_partitioned(p: torch.Tensor) -> bool:
+    """True for a ZeRO-3 partitioned parameter (it carries ``ds_id``; its ``data`` is empty until gathered)."""
+    return hasattr(p, "ds_id")
+
+
+def gathered(*params: torch.Tensor, modifier_rank: int | None = None):
+    """Context in which every ZeRO-3 partitioned tensor of ``params`` holds its full value (a collective over
+    its partition group; ``modifier_rank``: the rank whose writes are kept); a no-op for the others."""
+    import contextlib
+
+    parts = [p for p in params if is_partitioned(p)]
+    if not parts:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(parts, modifier_rank=modifier_rank)
+
+
 def local_numel(p: torch.Tensor) -> int:
     """Elements of ``p`` held by this rank (ZeRO-3: its partition)."""
     t = getattr(p, "ds_tensor", None)

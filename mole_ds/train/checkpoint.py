@@ -1,34 +1,19 @@
-"""DeepSpeed checkpoints that are verified before they are trusted: resume discovery and a topology check.
+"""Training checkpoints: save through DeepSpeed plus the files mole_ds adds, and load them back (as written,
+or re-sliced to another layout by :mod:`mole_ds.train.elastic`).
 
-A checkpoint directory is ``<root>/<tag>/`` as DeepSpeed writes it, the ranks' RNG states, the consolidated
-``mole.safetensors``, and last ``mole_meta.json``, written atomically by rank 0 after every rank has finished
-every file. The marker records each file's size and SHA-256. A tag without the marker (a crash mid-save) is
-never resumed from; ``resume: auto`` verifies the newest marked tag (sizes and hashes) and falls back to the
-previous one, loudly, when a file is missing, truncated or altered; an explicitly named tag that fails the
-check is refused with the files named.
+The layout, the marker, verification and resolution live in :mod:`mole_ds.checkpoint` (one home for every
+reader); this module writes tags and loads them into a live engine.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
 
-import torch.distributed as dist
-
-from ..export import CHECKPOINT_MARKER as META
-from ..export import CONSOLIDATED_NAME as CONSOLIDATED
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+from ..checkpoint import (CONSOLIDATED_NAME, complete_checkpoints, has_optimizer_partitions, read_marker, rng_file,
+                          tag_name, write_marker)
+from ..runtime import barrier, rank
 
 
 def _rng_state() -> dict:
@@ -60,104 +45,21 @@ def save_checkpoint(engine, root: str | Path, step: int, client_state: dict, met
     must continue exactly); run ``before_marker(tag)`` on every rank (more files, e.g. the consolidated
     weights); then mark the tag complete with its file manifest, and prune old tags (``keep``)."""
     root = Path(root)
-    tag = f"step{step:08d}"
+    tag = tag_name(step)
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
-    (root / tag / "rng").mkdir(exist_ok=True)
-    (root / tag / "rng" / f"rank{_rank()}.json").write_text(json.dumps(_rng_state()))
+    rng = rng_file(root / tag, rank())
+    rng.parent.mkdir(exist_ok=True)
+    rng.write_text(json.dumps(_rng_state()))
     if before_marker is not None:
         before_marker(root / tag)
-    _barrier()
-    if _rank() == 0:
-        marker = {**meta, "step": step, "tag": tag, "complete": True, "files": file_manifest(root / tag)}
-        tmp = root / tag / (META + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(json.dumps(marker, indent=1))
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(root / tag / META)
+    barrier()
+    if rank() == 0:
+        write_marker(root / tag, {**meta, "step": step, "tag": tag})
         if keep > 0:
             for old in complete_checkpoints(root)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return root / tag
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_manifest(tag_dir: Path) -> dict[str, dict]:
-    """{relative path: {"bytes", "sha256"}} of every file under a checkpoint tag except the marker."""
-    out = {}
-    for p in sorted(tag_dir.rglob("*")):
-        if p.is_file() and p.name not in (META, META + ".tmp"):
-            out[p.relative_to(tag_dir).as_posix()] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-    return out
-
-
-def verify_checkpoint(tag_dir: str | Path, hashes: bool = True) -> list[str]:
-    """Every problem of a checkpoint tag against its marker's manifest (missing marker, missing, truncated or
-    altered file), each naming the file and the values; [] when it can be trusted. Tags written before the
-    manifest existed are checked for the marker only."""
-    tag_dir = Path(tag_dir)
-    if not (tag_dir / META).is_file():
-        return [f"{tag_dir}: no {META} (the save did not finish)"]
-    try:
-        meta = json.loads((tag_dir / META).read_text())
-    except json.JSONDecodeError as exc:
-        return [f"{tag_dir / META}: not valid JSON ({exc})"]
-    problems = []
-    for rel, want in (meta.get("files") or {}).items():
-        p = tag_dir / rel
-        if not p.is_file():
-            problems.append(f"{p}: missing")
-        elif p.stat().st_size != want["bytes"]:
-            problems.append(f"{p}: {p.stat().st_size} bytes, the manifest says {want['bytes']} (truncated or altered)")
-        elif hashes and _sha256(p) != want["sha256"]:
-            problems.append(f"{p}: SHA-256 differs from the manifest's (altered or corrupt)")
-    return problems
-
-
-def _marked_step(p: Path) -> int:
-    try:
-        return int(json.loads((p / META).read_text()).get("step", -1))
-    except (json.JSONDecodeError, OSError, ValueError):
-        return -1
-
-
-def complete_checkpoints(root: str | Path) -> list[Path]:
-    """Marked checkpoint tags under root, oldest first (marked = every rank finished; see verify_checkpoint)."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    tags = [p for p in root.iterdir() if p.is_dir() and (p / META).is_file()]
-    return sorted(tags, key=_marked_step)
-
-
-def find_resume(resume: str, root: str | Path) -> Path | None:
-    """'none' -> None; 'auto' -> the newest marked tag under root that passes verify_checkpoint, falling back
-    to older ones with a warning per rejected tag (None if there is none); else the given tag, which must pass."""
-    if resume == "none":
-        return None
-    if resume == "auto":
-        for tag in reversed(complete_checkpoints(root)):
-            problems = verify_checkpoint(tag)
-            if not problems:
-                return tag
-            print(f"[mole_ds] WARNING: not resuming from {tag}, it fails verification:\n  " + "\n  ".join(problems)
-                  + "\n  trying the previous checkpoint", file=sys.stderr, flush=True)
-        return None
-    path = Path(resume)
-    if not (path / META).is_file():
-        raise ValueError(f"checkpoint.resume ({resume!r}) is not a complete mole_ds checkpoint (no {META})")
-    problems = verify_checkpoint(path)
-    if problems:
-        raise ValueError(f"checkpoint.resume ({resume!r}) fails verification:\n  " + "\n  ".join(problems))
-    return path
 
 
 def check_topology(meta: dict, ep_size: int, world_size: int, num_experts: int, where: Path,
@@ -173,18 +75,18 @@ def check_topology(meta: dict, ep_size: int, world_size: int, num_experts: int, 
         raise ValueError(
             f"checkpoint {where} was written with num_experts {meta.get('num_experts')} (this run: {num_experts}): "
             "the number of experts cannot change on resume. The trained weights are in "
-            f"{where / CONSOLIDATED} (tools/consolidate.py rebuilds them from any checkpoint).")
+            f"{where / CONSOLIDATED_NAME} (tools/consolidate.py rebuilds them from any checkpoint).")
     same = meta.get("ep_size") == ep_size and meta.get("world_size") == world_size
     if same:
         return True
     if num_experts % ep_size:
         raise ValueError(f"checkpoint {where}: this run's ep_size {ep_size} does not divide num_experts {num_experts}")
-    has_partitions = any(where.glob("*zero_pp_rank_*_optim_states.pt"))
+    has_partitions = has_optimizer_partitions(where)
     if not has_partitions and (meta.get("ep_size", 1) != 1 or ep_size != 1):
         raise ValueError(f"checkpoint {where} was written with ep_size {meta.get('ep_size')} (this run: {ep_size}), "
                          f"world size {meta.get('world_size')} (this run: {world_size}) and holds no ZeRO optimizer "
                          "partitions to re-slice (stage 0): resume it with the original layout; the trained weights "
-                         f"are in {where / CONSOLIDATED} (tools/export.py turns them into an export or a PEFT adapter)")
+                         f"are in {where / CONSOLIDATED_NAME} (tools/export.py turns them into an export or a PEFT adapter)")
     print(f"[mole_ds] checkpoint {where} was written at world size {meta.get('world_size')}, ep_size "
           f"{meta.get('ep_size')}; re-slicing weights and Adam state to world size {world_size}, ep_size {ep_size}",
           file=sys.stderr, flush=True)
@@ -198,7 +100,7 @@ def save_training_checkpoint(engine, root: str | Path, step: int, client_state: 
     from ..export import save_consolidated
 
     def consolidated(tag: Path) -> None:
-        save_consolidated(engine.module, tag / CONSOLIDATED, mole_config, ep_group,
+        save_consolidated(engine.module, tag / CONSOLIDATED_NAME, mole_config, ep_group,
                           extra={"step": step, **(extra or {})})
 
     return save_checkpoint(engine, root, step, client_state, meta, keep=keep, before_marker=consolidated)
@@ -208,7 +110,7 @@ def load_checkpoint(engine, tag_dir: Path, ep_size: int, world_size: int, num_ex
     """Load model, optimizer and scheduler state; returns the client state saved with it. A checkpoint of another
     world size or ep_size is re-sliced to this run (mole_ds.train.elastic); the client state then carries
     ``resharded_from``."""
-    meta = json.loads((tag_dir / META).read_text())
+    meta = read_marker(tag_dir)
     if not check_topology(meta, ep_size, world_size, num_experts, tag_dir):
         from ..parallel.deepspeed_compat import expert_groups
         from .elastic import load_resharded
@@ -223,8 +125,8 @@ def load_checkpoint(engine, tag_dir: Path, ep_size: int, world_size: int, num_ex
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
     if ep_size > 1 and engine.zero_optimization_stage() < 3:
-        _restore_local_experts(engine.module, tag_dir / CONSOLIDATED)
-    rng = tag_dir / "rng" / f"rank{_rank()}.json"
+        _restore_local_experts(engine.module, tag_dir / CONSOLIDATED_NAME)
+    rng = rng_file(tag_dir, rank())
     if rng.is_file():
         _set_rng_state(json.loads(rng.read_text()))
     return client or {}

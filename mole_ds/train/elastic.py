@@ -1,6 +1,6 @@
 """Elastic resume: a checkpoint written at (world W1, ep_size P1) loaded into an engine at (W2, P2).
 
-The layout-independent form is :func:`mole_ds.consolidate.read_full_state`: every trainable tensor in full
+The layout-independent form is :func:`mole_ds.checkpoint.read_full_state`: every trainable tensor in full
 (fp32 master weights) with its Adam ``exp_avg`` / ``exp_avg_sq`` and the optimizer step, rebuilt in one process
 from DeepSpeed's per-rank files. Each rank of the new run then takes its own slice of it: for an expert tensor
 the experts its ep rank owns (``[e * n, (e + 1) * n)`` along dim 0), and of that the elements its ZeRO partition
@@ -10,29 +10,12 @@ The learning-rate scheduler, the engine's step counters and the client state com
 """
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from ..consolidate import _load, read_full_state
-from ..export import CHECKPOINT_MARKER
+from ..checkpoint import MOMENTS, load_ds_file, rank0_model_file, read_full_state
 from ..parallel.deepspeed_compat import is_expert_param
-
-MOMENTS = ("exp_avg", "exp_avg_sq")
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _model_file(tag: Path) -> Path:
-    files = sorted(tag.glob("zero_pp_rank_0_mp_rank_*_model_states.pt")) or sorted(tag.glob("mp_rank_*_model_states.pt"))
-    if not files:
-        raise FileNotFoundError(f"{tag}: no DeepSpeed model_states file of rank 0")
-    return files[0]
 
 
 def _local_value(p: torch.nn.Parameter, full: torch.Tensor, ep_size: int, ep_rank: int) -> torch.Tensor:
@@ -129,7 +112,7 @@ def load_resharded(engine, tag: str | Path, ep_size: int, ep_rank: int) -> dict:
         raise ValueError(f"{tag}: no saved state for trainable tensors {missing[:5]}"
                          f"{'...' if len(missing) > 5 else ''}: not a checkpoint of this model")
     _set_step(opt, fs.step)
-    sd = _load(_model_file(tag))
+    sd = load_ds_file(rank0_model_file(tag))
     sched = engine.lr_scheduler
     if sched is not None and sd.get("lr_scheduler") is not None:
         # The position only: the optimizer's group count depends on the layout (ZeRO-1/2 expert groups), so
@@ -153,10 +136,3 @@ def load_resharded(engine, tag: str | Path, ep_size: int, ep_rank: int) -> dict:
                 "ds_version", "zero_stage", "checkpoint_parallel_dimensions", "num_experts", "ds_autoep_layers"}
     return {k: v for k, v in sd.items() if k not in reserved}
 
-
-def layout_of(tag: Path) -> dict:
-    return json.loads((tag / CHECKPOINT_MARKER).read_text())
-
-
-def partition_numel(numel: int, group: int) -> int:
-    return math.ceil(numel / group)

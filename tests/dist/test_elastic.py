@@ -69,7 +69,7 @@ def test_writers_match_reference_up_to_the_checkpoint(runs):
 def test_checkpoint_carries_adam_moments(runs):
     # The moments being re-sliced are not zeros (two Adam steps have filled them), so a resume that dropped them
     # would take a different step 3 (Adam's first step from zero moments has magnitude lr per element).
-    from mole_ds.consolidate import read_full_state
+    from mole_ds.checkpoint import read_full_state
 
     st = read_full_state(runs["w2_ep2"] / "checkpoints" / TAG)
     assert st.step == 2

@@ -22,7 +22,8 @@ from mole_ds import MoLEConfig, mole_layers, routing_counts
 from mole_ds.parallel import comm_stats
 from mole_ds.parallel.deepspeed_compat import ZeroCommMeter
 from mole_ds.export import gather_trainable_state, save_consolidated
-from mole_ds.train.checkpoint import find_resume, load_checkpoint, save_training_checkpoint
+from mole_ds.checkpoint import find_resume
+from mole_ds.train.checkpoint import load_checkpoint, save_training_checkpoint
 from mole_ds.train.shm import release_own_shm_buffer
 from mole_ds.train.config import ModelSection, RunConfig, TrainSection
 from mole_ds.train.engine import setup_training

@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mole_ds.consolidate import consolidate, read_full_state, resolve_tag
-from mole_ds.export import CHECKPOINT_MARKER, CONSOLIDATED_NAME, read_consolidated
+from mole_ds.checkpoint import CONSOLIDATED_NAME, consolidate, read_consolidated, read_full_state, resolve_tag
+from mole_ds.checkpoint import MARKER as CHECKPOINT_MARKER
 
 pytestmark = pytest.mark.dist
 

@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import save_file
 
 from mole_ds import MoLEConfig, mole_layers, patch_model
-from mole_ds.export import load_mole, read_consolidated, save_consolidated
-from mole_ds.peft_export import export_peft_adapters, resolve_consolidated
+from mole_ds.checkpoint import find_resume, read_consolidated, resolve_consolidated, write_marker
+from mole_ds.export import load_mole, save_consolidated
+from mole_ds.peft_export import export_peft_adapters
 from mole_ds.models.tiny import build_tiny_llava, image_seq_length
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -186,8 +187,8 @@ def tiny_run(tmp_path_factory):
         _randomize(model, seed=step)
         tag = run / "checkpoints" / f"step{step:08d}"
         save_consolidated(model, tag / "mole.safetensors", cfg, extra={**extra, "step": step})
-        if complete:
-            (tag / "mole_meta.json").write_text(json.dumps({"step": step, "complete": True}))
+        if complete:  # the marker as training writes it: last, with every file's size and SHA-256
+            write_marker(tag, {"step": step})
     Image.new("RGB", (40, 30), (200, 30, 30)).save(run / "img.png")
     return run
 
@@ -203,6 +204,62 @@ def test_resolve_picks_newest_complete_checkpoint(tiny_run):
     tag = tiny_run / "checkpoints" / "step00000002"
     assert resolve_consolidated(tag) == tag / "mole.safetensors"
     assert resolve_consolidated(tag / "mole.safetensors") == tag / "mole.safetensors"
+
+
+def test_damaged_newest_checkpoint_is_refused_or_skipped_by_every_reader(tiny_run, tmp_path, capsys):
+    """The newest tag's mole.safetensors altered in place (same size, flipped bytes): resume, tools/export.py,
+    tools/generate.py and the eval plugin each fall back to the previous verified tag saying why, and refuse
+    the damaged tag (or its file) when it is named."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    bad = run / "checkpoints" / "step00000004"
+    good = run / "checkpoints" / "step00000002"
+    data = bytearray((bad / "mole.safetensors").read_bytes())
+    size = len(data)
+    for i in range(size - 64, size - 32):  # tensor bytes, not the header: the file still parses
+        data[i] ^= 0xFF
+    (bad / "mole.safetensors").write_bytes(bytes(data))
+    assert (bad / "mole.safetensors").stat().st_size == size
+    read_consolidated(bad / "mole.safetensors")  # still a readable file: only the manifest can tell
+
+    def warned(err: str) -> bool:
+        return f"not using checkpoint {bad}" in err and "SHA-256 differs" in err
+
+    # resume (what the trainer calls): auto falls back loudly, a named tag is refused
+    assert find_resume("auto", run / "checkpoints") == good
+    assert warned(capsys.readouterr().err)
+    with pytest.raises(ValueError, match="fails verification"):
+        find_resume(str(bad), run / "checkpoints")
+
+    # tools/export.py on the run: the previous tag, saying so; on the tag or its file: refused, exit 2
+    export = _load_tool("export")
+    assert export.main([str(run), "--out", str(tmp_path / "e")]) == 0
+    out, err = capsys.readouterr()
+    assert warned(err) and "step00000002" in out
+    assert json.loads((tmp_path / "e" / "mole_config.json").read_text())["step"] == 2
+    for named in (bad, bad / "mole.safetensors"):
+        assert export.main([str(named), "--out", str(tmp_path / "e2")]) == 2
+        assert "fails verification" in capsys.readouterr().err
+    assert not (tmp_path / "e2").exists()
+
+    # tools/generate.py (inference.load_for_inference): the same
+    gen = _load_tool("generate")
+    assert gen.main([str(run), "--prompt", "Hi", "--max-new-tokens", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert warned(err) and f"loaded {good}" in err and out.startswith("ASSISTANT:")
+    assert gen.main([str(bad), "--prompt", "Hi", "--max-new-tokens", "1"]) == 2
+    assert "fails verification" in capsys.readouterr().err
+
+    # the lmms-eval plugin (its model class, built as lmms-eval builds it)
+    from mole_ds.eval.mole_llava import MoLELlava
+
+    plugin = MoLELlava(mole=str(run), pretrained=str(run / "base_model"), device="cpu")
+    assert plugin.m.export == good / "mole.safetensors"
+    assert warned(capsys.readouterr().err)
+    with pytest.raises(ValueError, match="fails verification"):
+        MoLELlava(mole=str(bad), pretrained=str(run / "base_model"), device="cpu")
 
 
 def test_export_cli_then_generate_cli(tiny_run, tmp_path):
