@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from .config import MoLEConfig
 from .mole.block import MoLEMLP
+from .mole.experts import is_expert_name
 from .mole.lora import LoRALinear
 
 ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -151,7 +152,7 @@ def patch_model(model: nn.Module, config: MoLEConfig, *, expert_offset: int = 0,
         if not p.requires_grad:
             continue
         report.trainable_params += n
-        if ".experts." in name:
+        if is_expert_name(name):
             kinds["experts"] += n
         elif ".router." in name:
             kinds["routers"] += n

@@ -39,7 +39,7 @@ def run_demo(tree: Path, precision: str, out: Path, extra: list[str], env: dict)
     """One demo launch of the code in ``tree``; its summary (or an error with the log's tail)."""
     out.mkdir(parents=True, exist_ok=True)
     cfg = _config(tree, precision, out)
-    from mole_ds.train.sweep import free_port
+    from mole_ds.runtime import free_port
 
     deepspeed = Path(sys.executable).with_name("deepspeed")
     cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()), "launchers/train.py",

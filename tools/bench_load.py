@@ -118,7 +118,7 @@ def worker(args) -> None:
 
 
 def launch(mode: str, model: Path, ranks: int, dtype: str, work: Path) -> list[dict]:
-    from mole_ds.train.sweep import free_port
+    from mole_ds.runtime import free_port
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",

@@ -17,7 +17,20 @@ version, ``tests/dist`` checks the behaviour):
   it believes the model has ``deepspeed.moe.layer.MoE`` layers (an isinstance check), and the optimizer needs
   expert tensors in their own ``moe`` parameter groups;
 * the ZeRO-3 optimizer's persistent-parameter gather (``persistent_parameters``, ``_post_step``,
-  ``checkpoint_event_epilogue``): see :func:`coalesce_persistent_gathers`.
+  ``checkpoint_event_epilogue``): see :func:`coalesce_persistent_gathers`;
+* ZeRO-3 parameter attributes (``ds_id``, ``ds_tensor``, ``ds_numel``, ``ds_persist``): :func:`is_partitioned`,
+  :func:`gathered`, :func:`local_numel`, :func:`full_numel`, :func:`is_persistent`.
+
+Four modules outside this one also depend on DeepSpeed internals, each because its whole job is a DeepSpeed
+format, and each is covered by its own tests against the pinned range:
+
+* ``mole_ds/checkpoint/deepspeed_files.py`` reads DeepSpeed's per-rank checkpoint files (their keys and
+  layout, and the DeepSpeed classes they pickle, allowed by name for ``weights_only`` loading);
+* ``mole_ds/train/elastic.py`` writes re-sliced weights and Adam state into the ZeRO optimizers' partitions
+  (ZeRO-3 ``_get_fp32_opt_state_partition`` / ``_get_param_partition_*``; ZeRO-1/2 ``_hp_mapping`` fragments);
+* ``mole_ds/train/model_loading.py`` loads a checkpoint straight into ``param.ds_tensor`` partitions inside
+  ``deepspeed.zero.Init``;
+* ``mole_ds/train/ds_schema.py`` validates a DeepSpeed config against DeepSpeed's own config models.
 """
 from __future__ import annotations
 
@@ -127,6 +140,11 @@ def local_numel(p: torch.Tensor) -> int:
     """Elements of ``p`` held by this rank (ZeRO-3: its partition)."""
     t = getattr(p, "ds_tensor", None)
     return int(t.numel()) if t is not None else int(p.numel())
+
+
+def is_persistent(p: torch.Tensor) -> bool:
+    """True for a ZeRO-3 persistent tensor (small: kept whole on every rank beside its partition)."""
+    return is_partitioned(p) and bool(getattr(p, "ds_persist", False))
 
 
 def full_numel(p: torch.Tensor) -> int:

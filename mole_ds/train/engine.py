@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from ..parallel import EPContext, create_expert_groups, is_expert_param, patch_model_expert_parallel
-from ..parallel.deepspeed_compat import (check_deepspeed_version, coalesce_persistent_gathers, moe_marker,
-                                         split_moe_param_groups)
+from ..parallel.deepspeed_compat import (check_deepspeed_version, coalesce_persistent_gathers, full_numel,
+                                         is_persistent, local_numel, moe_marker, split_moe_param_groups)
+from ..config import MoLEConfig
+from ..mole.experts import is_expert_name
 from ..patching import PatchReport
+from ..runtime import rank, world_size
 from .config import RunConfig
 from .model_loading import build_model, cast_unpartitioned, ds_stage, model_dtype, resolve_precision
 
@@ -52,6 +54,10 @@ class TrainSetup:
     report: PatchReport
     ep: EPContext | None
     ds_config: dict
+    mole: MoLEConfig
+    """The MoLE config this run uses: the run config's, with ``ep_size: auto`` resolved to a number."""
+    precision: str
+    """The precision resolved from the DeepSpeed config ('bf16' or 'fp32'; ``bf16.enabled: auto`` decided)."""
 
 
 def param_groups(model: torch.nn.Module, stage: int, ep_size: int, weight_decay: float) -> list[dict]:
@@ -62,7 +68,7 @@ def param_groups(model: torch.nn.Module, stage: int, ep_size: int, weight_decay:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if ".experts." in name:
+        if is_expert_name(name):
             experts.append(p)
         else:
             (no_decay if (p.ndim < 2 or name.endswith(".bias")) else decay).append(p)
@@ -86,13 +92,13 @@ def resolve_auto_ep_size(cfg: RunConfig, ds: dict, model) -> int:
     traffic with the cost model, print the table on rank 0 and return the cheapest (the same on every rank)."""
     from ..parallel import cost_model as cm
 
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = world_size()
     if world == 1:
         return 1
     link = cm.calibrate()
     w = cm.workload_from(cm.model_dims(model), cfg.mole, ds, world, seq_len=cfg.data.max_length)
     chosen, costs = cm.choose_ep_size(w, link)
-    if dist.get_rank() == 0:
+    if rank() == 0:
         print("[mole_ds] mole.ep_size auto (tokens per rank from data.max_length):\n"
               + cm.format_table(w, costs, chosen, link), flush=True)
     return chosen
@@ -100,21 +106,20 @@ def resolve_auto_ep_size(cfg: RunConfig, ds: dict, model) -> int:
 
 def setup_training(cfg: RunConfig, ds: dict, total_steps: int | None = None,
                    base_dir: str | Path | None = None, prepare_model=None) -> TrainSetup:
-    """Model, ``mole.ep_size: auto`` resolved (in ``cfg``), groups, MoLE patch (this rank's experts only),
-    optimizer, schedule, ``deepspeed.initialize``."""
+    """Model, ``mole.ep_size: auto`` resolved (returned in ``TrainSetup.mole``; ``cfg`` is not changed), groups,
+    MoLE patch (this rank's experts only), optimizer, schedule, ``deepspeed.initialize``."""
     import deepspeed
 
     check_deepspeed_version()
     ds, precision = resolve_precision(ds)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if rank() == 0:
         print(f"[mole_ds] precision: {precision}", flush=True)
     model, processor = build_model(cfg.model, ds, seed=cfg.train.seed)
-    if cfg.mole.ep_size == "auto" and not cfg.model.train_base:
-        cfg.mole = dataclasses.replace(cfg.mole, ep_size=resolve_auto_ep_size(cfg, ds, model))
-    elif cfg.mole.ep_size == "auto":
-        cfg.mole = dataclasses.replace(cfg.mole, ep_size=1)
-    ep = create_expert_groups(cfg.mole.ep_size) if cfg.mole.ep_size > 1 else None
-    if base_dir is not None and cfg.model.path is None and (not dist.is_initialized() or dist.get_rank() == 0):
+    mole = cfg.mole
+    if mole.ep_size == "auto":
+        mole = dataclasses.replace(mole, ep_size=1 if cfg.model.train_base else resolve_auto_ep_size(cfg, ds, model))
+    ep = create_expert_groups(mole.ep_size) if mole.ep_size > 1 else None
+    if base_dir is not None and cfg.model.path is None and rank() == 0:
         # The embedded base is built from a seed; keep it beside the run so exports can be loaded onto it.
         model.save_pretrained(base_dir)
         processor.save_pretrained(base_dir)
@@ -122,14 +127,14 @@ def setup_training(cfg: RunConfig, ds: dict, total_steps: int | None = None,
     if cfg.model.train_base:
         report = unfreeze_base(model)
     else:
-        report = patch_model_expert_parallel(model, cfg.mole, ep)
+        report = patch_model_expert_parallel(model, mole, ep)
     stage = ds_stage(ds)
     if ep is not None and stage in (1, 2):
-        model.add_module("deepspeed_moe_marker", moe_marker(cfg.mole.num_experts, cfg.mole.ep_size))
+        model.add_module("deepspeed_moe_marker", moe_marker(mole.num_experts, mole.ep_size))
     cast_unpartitioned(model, model_dtype(cfg.model, ds))  # the new MoLE tensors; partitioned ones already are
     if prepare_model is not None:  # e.g. tests forcing a routing, before DeepSpeed partitions anything
         prepare_model(model)
-    groups = param_groups(model, stage, cfg.mole.ep_size, cfg.train.weight_decay)
+    groups = param_groups(model, stage, mole.ep_size, cfg.train.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.999), eps=1e-8)
     steps = total_steps or cfg.train.max_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -140,7 +145,7 @@ def setup_training(cfg: RunConfig, ds: dict, total_steps: int | None = None,
                                                  config=ds)
     if stage == 3:
         coalesce_persistent_gathers(engine.optimizer)
-    return TrainSetup(engine, opt, sched, processor, report, ep, ds)
+    return TrainSetup(engine, opt, sched, processor, report, ep, ds, mole=mole, precision=precision)
 
 
 def expert_bytes(model: torch.nn.Module) -> tuple[int, int]:
@@ -148,11 +153,10 @@ def expert_bytes(model: torch.nn.Module) -> tuple[int, int]:
     plus the full copy that ZeRO-3 keeps of a persistent (small) tensor."""
     ex = other = 0
     for name, p in model.named_parameters():
-        t = getattr(p, "ds_tensor", None)
-        n = (t.numel() * t.element_size()) if t is not None else p.numel() * p.element_size()
-        if t is not None and getattr(p, "ds_persist", False):
-            n += int(p.ds_numel) * p.element_size()
-        if is_expert_param(p) or ".experts." in name:
+        n = local_numel(p) * p.element_size()
+        if is_persistent(p):  # ZeRO-3 keeps a full copy of a small tensor beside its partition
+            n += full_numel(p) * p.element_size()
+        if is_expert_param(p) or is_expert_name(name):
             ex += n
         else:
             other += n

@@ -48,6 +48,7 @@ def main(argv=None) -> int:
 
     from mole_ds.config import MoLEConfig
     from mole_ds.mole.collect import routing_counts
+    from mole_ds.mole.experts import is_expert_name
     from mole_ds.parallel import comm_stats
     from mole_ds.parallel import cost_model as cm
     from mole_ds.parallel.deepspeed_compat import ZeroCommMeter, optimizer_state_bytes
@@ -72,7 +73,8 @@ def main(argv=None) -> int:
     ds = {"train_micro_batch_size_per_gpu": args.micro_batch, "gradient_accumulation_steps": 1,
           "zero_optimization": zero, "bf16": {"enabled": False}, "steps_per_print": 10**9}
     link = cm.calibrate()  # before training, on a quiet group: what the cost model predicts from
-    setup = setup_training(cfg, ds)  # resolves ep 'auto' into cfg.mole.ep_size
+    setup = setup_training(cfg, ds)
+    mole = setup.mole  # ep_size "auto" resolved
     engine, model = setup.engine, setup.engine.module
     vocab = model.config.text_config.vocab_size
     g = torch.Generator().manual_seed(rank)
@@ -100,7 +102,7 @@ def main(argv=None) -> int:
             counts = c if counts is None else counts + c
     with ZeroCommMeter() as meter:  # one more, untimed step: the logger synchronises every collective
         step()
-    ex_names = {id(p) for n, p in model.named_parameters() if ".experts." in n}
+    ex_names = {id(p) for n, p in model.named_parameters() if is_expert_name(n)}
     ex_opt, other_opt = optimizer_state_bytes(engine, lambda p: id(p) in ex_names)
     ex_b, other_b = expert_bytes(model)
     peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
@@ -118,9 +120,9 @@ def main(argv=None) -> int:
         step_s = float(per_rank[:, 0].max())  # the slowest rank sets the pace
         layers = args.layers
         a2a_rows = float(per_rank[:, 7].mean())
-        w = cm.workload_from(cm.model_dims(model), cfg.mole, ds, world, seq_len=args.seq)
+        w = cm.workload_from(cm.model_dims(model), mole, ds, world, seq_len=args.seq)
         rec = {
-            "experts": args.experts, "num_experts": args.experts, "ep_size": cfg.mole.ep_size,
+            "experts": args.experts, "num_experts": args.experts, "ep_size": mole.ep_size,
             "ep_requested": args.ep, "world_size": world, "zero_stage": args.stage,
             "top_k": args.top_k, "lora_rank": args.rank, "hidden": args.hidden, "hidden_size": args.hidden,
             "layers": layers, "tokens_per_rank": args.micro_batch * args.seq,

@@ -3,19 +3,14 @@ scaling study. A failing point is recorded with its error and the sweep goes on.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from ..runtime import free_port
+
 PROBE = Path(__file__).with_name("probe.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_point(world: int, args: dict, timeout: int = 900, env: dict | None = None) -> dict:

@@ -140,7 +140,7 @@ def main() -> None:
         if args.save_at and step + 1 == args.save_at:
             save_training_checkpoint(engine, out / "checkpoints", step + 1, {"step": step + 1},
                                      {"ep_size": args.ep, "world_size": world, "num_experts": args.experts},
-                                     cfg.mole, ep_group)
+                                     setup.mole, ep_group)
 
     # What this rank holds.
     held = {"experts": {}, "base": {}}
@@ -163,7 +163,7 @@ def main() -> None:
     counts = c.tolist()
     state = gather_trainable_state(model, ep_group, args.ep)
     if args.export:
-        save_consolidated(model, out / "export.safetensors", cfg.mole, ep_group, extra={"base_model": str(out / "base_model")})
+        save_consolidated(model, out / "export.safetensors", setup.mole, ep_group, extra={"base_model": str(out / "base_model")})
         engine.eval()
         with torch.no_grad():
             probe = make_batch(999, vocab, image_token, n_img)
