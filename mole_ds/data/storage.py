@@ -36,6 +36,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 
@@ -392,15 +393,19 @@ def read_bytes(url: str, policy: RetryPolicy = DEFAULT_RETRY) -> bytes:
 # --- Writing / metadata -----------------------------------------------------------------------------------
 
 
+def _replace_local(dst: str, write) -> None:
+    """Write ``dst`` through ``write(tmp)`` on a temporary name, then rename: readers never see half a file."""
+    os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
+    tmp = dst + ".partial"
+    write(tmp)
+    os.replace(tmp, dst)
+
+
 def put_file(local: str, url: str, policy: RetryPolicy = DEFAULT_RETRY) -> None:
     """Copy a finished local file to `url` (upload for s3://, atomic rename-in-place for local)."""
     s = scheme_of(url)
     if s == "file":
-        dst = local_path(url)
-        os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
-        tmp = dst + ".partial"
-        shutil.copyfile(local, tmp)
-        os.replace(tmp, dst)  # readers never see a half-written shard
+        _replace_local(local_path(url), lambda tmp: shutil.copyfile(local, tmp))
         return
     if s == "s3":
         bucket, key = split_s3(url)
@@ -412,12 +417,7 @@ def put_file(local: str, url: str, policy: RetryPolicy = DEFAULT_RETRY) -> None:
 def write_bytes(url: str, data: bytes, policy: RetryPolicy = DEFAULT_RETRY) -> None:
     s = scheme_of(url)
     if s == "file":
-        dst = local_path(url)
-        os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
-        tmp = dst + ".partial"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, dst)
+        _replace_local(local_path(url), lambda tmp: Path(tmp).write_bytes(data))
         return
     if s == "s3":
         bucket, key = split_s3(url)

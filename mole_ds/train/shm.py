@@ -17,29 +17,24 @@ def release_own_shm_buffer() -> int:
     if dist.is_initialized():
         dist.barrier()
     port, rank = os.environ.get("MASTER_PORT"), os.environ.get("RANK", os.environ.get("LOCAL_RANK"))
-    shm = Path("/dev/shm")
-    if port is None or rank is None or not shm.is_dir():
+    if port is None or rank is None:
         return 0
-    n = 0
-    for f in shm.glob(f"deepspeed_allreduce_buffer_*_{port}_{rank}"):
-        try:
-            f.unlink()
-            n += 1
-        except OSError:
-            pass
-    return n
+    return _unlink_buffers(f"deepspeed_allreduce_buffer_*_{port}_{rank}")
 
 
 def release_port_buffers(port: int) -> int:
     """Unlink every DeepSpeed shm buffer of the finished launch on ``port`` (covers a launch killed before
     its ranks released their own); returns how many were removed."""
+    return _unlink_buffers(f"deepspeed_allreduce_buffer_*_{port}_*")
+
+
+def _unlink_buffers(pattern: str) -> int:
     shm = Path("/dev/shm")
     n = 0
-    if shm.is_dir():
-        for f in shm.glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-            try:
-                f.unlink()
-                n += 1
-            except OSError:
-                pass
+    for f in (shm.glob(pattern) if shm.is_dir() else ()):
+        try:
+            f.unlink()
+            n += 1
+        except OSError:
+            pass
     return n
