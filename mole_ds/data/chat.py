@@ -18,8 +18,10 @@ and including its end-of-turn marker, i.e. exactly what the model must generate 
 * ``vicuna_v1``: ``" {a}{eos}"``.
 * ``template``: for assistant turn k, P = render(messages[:k], add_generation_prompt=True) and
   Q = render(messages[:k + 1]); the span runs from len(P) through the first special token (end-of-turn, e.g.
-  ``<|im_end|>``, ``<|eot_id|>``, ``</s>``) after the reply's text in Q, or to the end of Q when the template
-  writes none.  P must be a prefix of Q and Q of the whole text (true for the usual templates); a template
+  ``<|im_end|>``, ``<|eot_id|>``, ``</s>``) after the reply's text in Q, or to the end of Q without its
+  trailing white space when the template writes none (llava-hf's llava-1.5 template: the model then learns
+  no end-of-turn token; ``vicuna_v1`` is LLaVA-1.5's own training format, with ``</s>``). Templates that
+  iterate typed content parts get typed content when string content fails or loses words.  P must be a prefix of Q and Q of the whole text (true for the usual templates); a template
   that re-renders earlier turns differently is refused with a message (use ``vicuna_v1`` then).
 
 ``"<image>"`` is replaced by ``image_expansion`` (the processor's N image tokens) in the rendered text, before
@@ -52,6 +54,17 @@ def tokenizer_name(tokenizer) -> str:
     """A readable name for messages: the checkpoint path or the class name."""
     name = getattr(tokenizer, "name_or_path", "") or ""
     return f"{type(tokenizer).__name__}({name!r})" if name else type(tokenizer).__name__
+
+
+def chat_tokenizer(processor):
+    """The tokenizer that renders a model's conversations: ``processor.tokenizer`` (or the tokenizer itself),
+    carrying the processor's chat_template when only the processor has one (llava-hf checkpoints ship the
+    template as the processor's ``chat_template.json``, beside a tokenizer without it)."""
+    tok = getattr(processor, "tokenizer", processor)
+    template = getattr(processor, "chat_template", None)
+    if tok is not processor and template and not getattr(tok, "chat_template", None):
+        tok.chat_template = template
+    return tok
 
 
 def check_chat_format(chat_format: str) -> None:
@@ -120,22 +133,56 @@ def _typed(text: str) -> list[dict]:
     return parts
 
 
+def _lost_turn(rendered: str, turns) -> int | None:
+    """The first turn whose words a rendering lost (a text chunk, image placeholders aside, that does not
+    appear in order), or None. Templates that iterate typed content render plain string content as nothing,
+    without an error: llava-hf's llava-1.5 template gives "USER: ASSISTANT: " for any conversation."""
+    pos = 0
+    for k, (_, text) in enumerate(turns):
+        for chunk in text.split(IMAGE_PLACEHOLDER):
+            chunk = chunk.strip()
+            if not chunk:
+                continue
+            at = rendered.find(chunk, pos)
+            if at < 0:
+                return k
+            pos = at + len(chunk)
+    return None
+
+
 def _apply_template(tokenizer, turns, add_generation_prompt: bool) -> str:
+    """Render ``turns`` with the tokenizer's chat_template: string content first; typed content (a list of
+    {"type": "text"|"image"} parts) when the template fails on strings or silently drops their words."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ChatTemplateError(f"chat_format 'template': tokenizer {tokenizer_name(tokenizer)} has no chat_template; "
                                 "use chat_format 'vicuna_v1' or give the tokenizer a chat_template")
     if not turns:  # the empty conversation (nothing before the first reply is rendered here)
         return ""
-    conv = [{"role": r, "content": t} for r, t in turns]
-    try:
+
+    def render(content) -> str:
+        conv = [{"role": r, "content": content(t)} for r, t in turns]
         return tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=add_generation_prompt)
-    except Exception as first:  # noqa: BLE001 - retry with typed content, then report the first error
-        typed = [{"role": r, "content": _typed(t)} for r, t in turns]
-        try:
-            return tokenizer.apply_chat_template(typed, tokenize=False, add_generation_prompt=add_generation_prompt)
-        except Exception:  # noqa: BLE001
-            raise ChatTemplateError(f"chat_template of tokenizer {tokenizer_name(tokenizer)} failed on this "
-                                    f"conversation: {type(first).__name__}: {first}") from first
+
+    try:
+        text = render(lambda t: t)
+        first: Exception | None = None
+        lost = _lost_turn(text, turns)
+        if lost is None:
+            return text
+    except Exception as e:  # noqa: BLE001 - retry with typed content, then report the first error
+        first, lost = e, None
+    try:
+        typed = render(_typed)
+    except Exception as e:  # noqa: BLE001
+        raise ChatTemplateError(f"chat_template of tokenizer {tokenizer_name(tokenizer)} failed on this "
+                                f"conversation: {type(first or e).__name__}: {first or e}") from (first or e)
+    lost_typed = _lost_turn(typed, turns)
+    if lost_typed is not None:
+        k = lost_typed if lost is None else lost
+        raise ChatTemplateError(f"chat_template of tokenizer {tokenizer_name(tokenizer)} drops the words of turn {k} "
+                                f"({turns[k][1][:40]!r}...) with string and with typed content; use chat_format "
+                                "'vicuna_v1'")
+    return typed
 
 
 def special_token_texts(tokenizer) -> list[str]:
@@ -166,7 +213,9 @@ def _template_spans(tokenizer, turns, image_expansion) -> tuple[str, list[tuple[
         if c < 0:
             raise ChatTemplateError(f"chat_template of tokenizer {tokenizer_name(tokenizer)} does not reproduce the "
                                     f"text of assistant turn {k} ({body[:40]!r}...)")
-        end = len(q)
+        # No end-of-turn special: the span ends with the reply's text (a trailing separator such as llava-hf's
+        # ' ' belongs to the next turn, whose first token would otherwise be supervised through it).
+        end = max(c + len(body), len(q.rstrip()))
         hits = [(q.find(s, c + len(body)), s) for s in specials]
         hits = [(pos, s) for pos, s in hits if pos >= 0]
         if hits:

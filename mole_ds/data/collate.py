@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mole_ds.data.chat import special_affixes
+from mole_ds.data.chat import chat_tokenizer, special_affixes
 from mole_ds.data.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER, TokenizationMismatchError, encode_conversation
 from mole_ds.data.samples import Record, SkipSample, decode_image
 
@@ -56,7 +56,7 @@ class SampleEncoder:
     def __init__(self, processor, domain_names: list[str], max_length: int, mismatch_policy: str = "error",
                  process_images: bool = True, chat_format: str = "vicuna_v1"):
         self.processor = processor
-        self.tokenizer = processor.tokenizer
+        self.tokenizer = chat_tokenizer(processor)
         self.domain_ids = {d: i for i, d in enumerate(domain_names)}
         self.max_length = max_length
         self.mismatch_policy = mismatch_policy
