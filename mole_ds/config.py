@@ -1,16 +1,39 @@
-"""Typed, validated configuration for the MoLE layer.
+"""Typed, validated configuration for the MoLE layer, and the config rules every layer shares.
 
 Every problem is reported at construction, all at once, each naming its field and value, e.g.
-``mole.num_experts (6) must be divisible by mole.ep_size (4)``.
+``mole.num_experts (6) must be divisible by mole.ep_size (4)``. A refused configuration is a
+:class:`ConfigError` (a ValueError carrying the list of problems), wherever it is found: the launcher prints
+it as one message and exits 2 (mole_ds.train.launch).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 ROUTING_MODES = ("sparse", "weighted", "st", "dense", "oracle")
 BALANCE_LOSSES = ("mole", "switch", "none")
 BACKENDS = ("auto", "torch", "loop", "megablocks")
+
+
+class ConfigError(ValueError):
+    """A refused configuration: ``problems`` lists every problem, each naming its field and value; the message
+    is ``"<title>:\n  problem\n  problem..."``, the one format of every config refusal."""
+
+    def __init__(self, problems: Iterable[str], title: str = "invalid run configuration") -> None:
+        self.problems = list(problems)
+        self.title = title
+        super().__init__(f"{title}:\n  " + "\n  ".join(self.problems))
+
+
+def check_ep_size(ep_size: int, world_size: int) -> list[str]:
+    """Every problem with an expert-parallel degree for a world size, named with values: the one home of this
+    rule (the launcher checks it before start, the expert-group builder again with the real world size).
+    Divisibility of num_experts by ep_size is :meth:`MoLEConfig.problems`."""
+    if ep_size > world_size:
+        return [f"mole.ep_size ({ep_size}) must be <= world size ({world_size})"]
+    if world_size % ep_size:
+        return [f"world size ({world_size}) must be divisible by mole.ep_size ({ep_size})"]
+    return []
 
 
 @dataclass
@@ -67,7 +90,7 @@ class MoLEConfig:
     def __post_init__(self) -> None:
         problems = self.problems()
         if problems:
-            raise ValueError("invalid MoLE config:\n  " + "\n  ".join(problems))
+            raise ConfigError(problems, "invalid MoLE config")
 
     def problems(self) -> list[str]:
         """Every problem with this config, each naming field and value."""

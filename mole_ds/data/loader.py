@@ -18,8 +18,10 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader
 
+from mole_ds import runtime
+from mole_ds.config import ConfigError
 from mole_ds.data.collate import collate, image_expansion
-from mole_ds.data.config import DataConfig
+from mole_ds.data.config import DataConfig, DataOptions
 from mole_ds.data.conversation import IGNORE_INDEX, TokenizationMismatchError, encode_conversation
 from mole_ds.data.manifest import ShardInfo, expand_urls
 from mole_ds.data.pipeline import StreamingDataset, check_layout, default_streams
@@ -39,7 +41,7 @@ def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tupl
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
-            r, w = dist.get_rank(), dist.get_world_size()
+            r, w = runtime.rank(), runtime.world_size()
         else:
             r, w = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if not (0 <= r < w):
@@ -69,18 +71,48 @@ def min_sample_tokens(processor, chat_format: str = "vicuna_v1", with_image: boo
     return first + 1, n_img
 
 
-def check_max_length(cfg: DataConfig, processor, shards: list[ShardInfo]) -> None:
-    """Refuse a max_length that cannot hold even the shortest sample (with its image tokens, if the shards
-    may hold images), naming both numbers; otherwise every sample would be skipped at read time."""
-    images = cfg.process_images and hasattr(processor, "image_processor") and any(
+def may_hold_images(processor, shards: list[ShardInfo], process_images: bool = True) -> bool:
+    """Whether samples of these shards may carry images the processor expands (unknown counts = maybe)."""
+    return process_images and hasattr(processor, "image_processor") and any(
         s.images is None or s.images > 0 for s in shards)
-    need, n_img = min_sample_tokens(processor, cfg.chat_format, with_image=images)
-    if cfg.max_length < need:
-        what = (f"one image sample: the image alone expands to {n_img} tokens, and with the shortest prompt and "
-                f"answer in chat_format {cfg.chat_format!r} it needs {need}") if images else (
-                f"one sample: the shortest prompt and answer in chat_format {cfg.chat_format!r} need {need}")
-        raise ValueError(f"data.max_length ({cfg.max_length}) cannot hold {what} tokens; set data.max_length to at "
-                         f"least {need} (real samples need more: leave room for the question and the answer)")
+
+
+def max_length_problems(max_length: int, chat_format: str, processor, images: bool) -> list[str]:
+    """The refusal of a data.max_length that cannot hold even the shortest sample (with its image tokens when
+    ``images``), naming both numbers; otherwise every sample would be skipped at read time. The image token
+    count is the processor's own expansion (:func:`mole_ds.data.collate.image_expansion`)."""
+    need, n_img = min_sample_tokens(processor, chat_format, with_image=images)
+    if max_length >= need:
+        return []
+    what = (f"one image sample: the image alone expands to {n_img} tokens, and with the shortest prompt and "
+            f"answer in chat_format {chat_format!r} it needs {need}") if images else (
+            f"one sample: the shortest prompt and answer in chat_format {chat_format!r} need {need}")
+    return [f"data.max_length ({max_length}) cannot hold {what} tokens; set data.max_length to at least {need} "
+            "(real samples need more: leave room for the question and the answer)"]
+
+
+def check_sources(options: DataOptions, sources: list[str], processor, name: str = "data.train") -> list[str]:
+    """Before start (the launcher): :func:`max_length_problems` for one source list of a run (``name``) when
+    all its sources are local (listing them is cheap); remote ones are left to the loader, which raises the
+    same refusal as a ConfigError."""
+    if not sources or any("://" in u for u in sources):
+        return []
+    try:
+        shards = expand_urls(list(sources), RetryPolicy(timeout_s=options.storage_timeout_s))
+    except (OSError, ValueError) as exc:
+        return [f"{name} ({sources!r}) cannot be listed: {' '.join(str(exc).split())}"]
+    if not shards:
+        return [f"{name} ({sources!r}) holds no shards"]
+    return max_length_problems(options.max_length, options.chat_format, processor,
+                               may_hold_images(processor, shards))
+
+
+def check_max_length(cfg: DataConfig, processor, shards: list[ShardInfo]) -> None:
+    """Raise :func:`max_length_problems` for a loader's shards as a ConfigError."""
+    p = max_length_problems(cfg.max_length, cfg.chat_format, processor,
+                            may_hold_images(processor, shards, cfg.process_images))
+    if p:
+        raise ConfigError(p)
 
 
 class StreamingLoader:
@@ -106,7 +138,7 @@ class StreamingLoader:
         check_max_length(cfg, processor, self.shards)
         if cfg.domain_names is not None:
             names = list(cfg.domain_names)
-        elif cfg.domain_weights is not None:
+        elif cfg.domain_weights:
             names = list(cfg.domain_weights)
         else:
             names = sorted({s.domain for s in self.shards if s.domain})
@@ -154,8 +186,9 @@ class StreamingLoader:
             "steps_per_round": self.dataset.k,
             "samples_consumed": self.steps * self.cfg.batch_size * self.world_size,  # over all ranks
             "seed": self.cfg.seed,
-            "domain_weights": self.cfg.domain_weights,
-            "samples_per_epoch": self.cfg.samples_per_epoch,
+            # None when unset, as checkpoints have recorded them since STATE_VERSION 2
+            "domain_weights": self.cfg.domain_weights or None,
+            "samples_per_epoch": self.cfg.samples_per_epoch or None,
             "shards": self._fingerprint(),
             "world_size": self.world_size,
             "batch_size": self.cfg.batch_size,

@@ -43,6 +43,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from mole_ds.config import ConfigError
 from mole_ds.data import storage
 from mole_ds.data.collate import SampleEncoder
 from mole_ds.data.config import DataConfig
@@ -290,12 +291,12 @@ class StreamingDataset(IterableDataset):
         self.epoch = 0
         self.start_step = 0
         self.start_positions: dict[int, dict] = {}
-        self.mixing = cfg.domain_weights is not None
+        self.mixing = cfg.mixing
         if self.mixing:
             missing = [d for d, w in cfg.domain_weights.items() if w > 0 and not self._domain_shards(d)]
             if missing:
-                raise ValueError(f"domain_weights names domain(s) {missing} with no shards; "
-                                 f"shard domains: {sorted({s.domain for s in shards})}")
+                raise ConfigError([f"data.domain_weights ({cfg.domain_weights}) names domain(s) {missing} with "
+                                   f"no shards; shard domains: {sorted({s.domain for s in shards})}"])
         self.epoch_samples = self._epoch_samples_per_stream()
 
     def _domain_shards(self, d: str) -> list[ShardInfo]:
@@ -313,11 +314,11 @@ class StreamingDataset(IterableDataset):
         streams, so every rank agrees)."""
         if self.mixing:
             total = self.cfg.samples_per_epoch
-            if total is None:
+            if not total:  # 0 = all samples of the weighted domains
                 known = [s.samples for s in self.shards if s.domain in self.cfg.domain_weights]
                 if any(k is None for k in known):
-                    raise ValueError("samples_per_epoch (None) must be set when shard sample counts are unknown "
-                                     "(read from a manifest to know them)")
+                    raise ConfigError(["data.samples_per_epoch (0) must be set when shard sample counts are "
+                                       "unknown (read the shards through their manifest to know them)"])
                 total = sum(known)
             return max(1, -(-total // self.V))
         if any(s.samples is None for s in self.shards):

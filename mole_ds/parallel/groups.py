@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from ..config import ConfigError, check_ep_size
 from . import deepspeed_compat
 
 
@@ -31,16 +32,6 @@ class EPContext:
         return self.ep_rank * n, n
 
 
-def check_ep_size(ep_size: int, world_size: int) -> list[str]:
-    """Every problem with an expert-parallel degree for a world size, named with values. (Divisibility of
-    num_experts by ep_size is MoLEConfig's own validation.)"""
-    if ep_size > world_size:
-        return [f"mole.ep_size ({ep_size}) must be <= world size ({world_size})"]
-    if world_size % ep_size:
-        return [f"world size ({world_size}) must be divisible by mole.ep_size ({ep_size})"]
-    return []
-
-
 def create_expert_groups(ep_size: int) -> EPContext:
     """Create (or reuse) DeepSpeed's expert-parallel and expert-data-parallel groups for ``ep_size``."""
     if not dist.is_initialized():
@@ -48,7 +39,7 @@ def create_expert_groups(ep_size: int) -> EPContext:
     world, rank = dist.get_world_size(), dist.get_rank()
     problems = check_ep_size(ep_size, world)
     if problems:
-        raise ValueError("invalid expert parallel layout:\n  " + "\n  ".join(problems))
+        raise ConfigError(problems, "invalid expert parallel layout")
     name, ep_group, edp_group, ep_rank = deepspeed_compat.expert_groups(ep_size)
     return EPContext(ep_size=ep_size, ep_rank=ep_rank, group_name=name, ep_group=ep_group, edp_group=edp_group,
                      world_size=world, rank=rank)

@@ -2,12 +2,25 @@
 
 Unknown keys and wrong types are errors naming the key and the value; cross-checks against the DeepSpeed
 config (micro-batch, ZeRO stage, ep_size vs world size) happen in :func:`check_against_deepspeed` before any
-work starts.
+work starts. Each section's fields carry a docstring; :func:`fields_help` prints them (``launchers/train.py
+--help``). The sections are the schemas of their layers where one exists: ``mole`` is
+:class:`mole_ds.config.MoLEConfig`, ``data`` is :class:`mole_ds.data.DataOptions` plus the source lists.
+
+Why the YAML/CLI reading below is ~60 hand-written lines rather than tyro, jsonargparse or simple_parsing
+(all on PyPI, none installed): the config is read in three layers (the DeepSpeed file's "mole_ds" key, then
+``--config``, then ``--section.key value``) and every refusal must list all problems at once, each naming the
+field and value, with exit 2 (tests pin the messages); these libraries report the first error in their own
+words and exit, so an adapter for the layering and the message format would cost about as much code as the
+coercion it replaces, plus a dependency on every rank's launch path. The field docstrings are read with ast.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import json
+import math
+import textwrap
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +28,8 @@ from typing import Any
 
 import yaml
 
-from ..config import MoLEConfig
+from ..config import ConfigError, MoLEConfig, check_ep_size
+from ..data.config import DataOptions
 
 
 @dataclass
@@ -33,39 +47,26 @@ class ModelSection:
     holds a transformers directory ``model/``. Used to pretrain a small base; ZeRO stage 0-2 only."""
 
 
-@dataclass
-class DataSection:
+@dataclass(kw_only=True)
+class DataSection(DataOptions):
+    """The run's data: the data layer's schema (:class:`mole_ds.data.DataOptions`: its fields, defaults and
+    rules) plus the run's source lists; the trainer's loaders get ``DataConfig(urls, batch_size, **options())``."""
+
     train: list[str] = field(default_factory=list)
     """Shard URLs, brace patterns or manifest.json paths (local, http(s)://, s3://)."""
     eval: list[str] = field(default_factory=list)
     """Held-out shards, evaluated per domain."""
-    domain_weights: dict[str, float] = field(default_factory=dict)
-    """Sampling weight per domain (empty = proportional to the data)."""
-    max_length: int = 512
-    """Tokens per sample after image-token expansion; longer samples are truncated."""
-    num_workers: int = 0
-    """DataLoader workers per rank."""
-    shuffle_buffer: int = 256
-    samples_per_epoch: int = 0
-    """Mixing mode (domain_weights set): samples per epoch over all ranks; 0 = derived from the shard manifest."""
-    streams: int = 0
-    """Streams, the unit of reading and of the resume position (docs/data.md). With a global micro-batch
-    g = micro-batch x world size >= streams, each rank owns streams / world size of them and every step takes
-    g / streams samples from each; with g < streams, each step reads one group of g streams (streams / g steps per
-    round, as with gradient accumulation). A checkpoint resumes exactly (mid-epoch too) on any world size and
-    micro-batch that fit the same streams, e.g. 16 streams for 1-16 ranks with micro-batch x accumulation x
-    ranks = 16 or a multiple. 0 = world size x num_workers (reduced to divide the micro-batch). Each stream has its
-    own shuffle buffer (shuffle_buffer raw samples) and open shard, so buffer memory grows with streams per rank."""
-    seed: int = 0
-    chat_format: str = "vicuna_v1"
-    """Prompt format: 'vicuna_v1' (LLaVA-1.5's training format) or 'template' (the tokenizer's chat_template)."""
-    mismatch_policy: str = "error"
-    """A sample whose labels cannot be derived exactly: 'error' stops the run, 'skip' counts and drops it."""
-    storage_timeout_s: float = 600.0
-    """Transient storage errors (connection, timeout, 5xx, throttling) are retried this long, then the run stops
-    naming the shard; permanent ones (credentials, 403, missing key) stop it at once."""
-    max_skip_fraction: float = 0.01
-    """Skipped samples / samples read above which the run stops; the end-of-run summary warns loudly above it."""
+
+    def problems(self) -> list[str]:
+        p = super().problems()
+        if not self.train:
+            p.append("data.train ([]) must name at least one shard source (URLs, a folder of shards or a "
+                     "manifest.json)")
+        for sec in ("train", "eval"):
+            for url in getattr(self, sec) or []:
+                if "://" not in url and not Path(url).exists():
+                    p.append(f"data.{sec} ({url!r}) does not exist (a local manifest.json, folder of shards or .tar)")
+        return p
 
 
 @dataclass
@@ -76,11 +77,15 @@ class TrainSection:
     """At most this many steps in this invocation, then checkpoint and exit (0 = until max_steps); for jobs
     with a time slot, resumed with checkpoint.resume auto."""
     lr: float = 2e-4
+    """Peak learning rate (AdamW), reached after warmup_steps."""
     warmup_steps: int = 10
+    """Linear warmup from 0 to lr over this many steps."""
     min_lr_ratio: float = 0.1
     """Cosine decays to lr * min_lr_ratio."""
     weight_decay: float = 0.0
+    """AdamW weight decay of the trained parameters."""
     log_every: int = 1
+    """Write a metrics record (and a progress line) every N steps."""
     eval_every: int = 0
     """0 = evaluate only at the end."""
     eval_batches: int = 0
@@ -93,7 +98,9 @@ class TrainSection:
     data); 0 = loss only. Decoding is synced across ranks (and kept in step under ZeRO-3 when some ranks have
     text-only batches)."""
     output_dir: str = "runs/mole"
+    """Where checkpoints/, metrics.jsonl, routing.png and summary.json are written."""
     seed: int = 0
+    """Seed of the model's initialisation (the embedded tiny base, the LoRA/router weights) and of dropout."""
     collective_timeout_s: float = 1800.0
     """A collective that waits longer than this for a peer fails on every rank that waits (a hung or
     unreachable peer); a dead peer is noticed at once. Must exceed data.storage_timeout_s, since a rank may
@@ -108,6 +115,7 @@ class CheckpointSection:
     every: int = 0
     """Save every N steps (0 = only at the end and on shutdown)."""
     keep: int = 2
+    """Complete checkpoints kept in output_dir/checkpoints (older ones are deleted; 0 = keep all)."""
     resume: str = "none"
     """'none', 'auto' (latest complete checkpoint in output_dir/checkpoints) or a checkpoint directory."""
 
@@ -124,7 +132,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-_SECTION_TYPES = {"model": ModelSection, "mole": MoLEConfig, "data": DataSection, "train": TrainSection,
+SECTION_TYPES = {"model": ModelSection, "mole": MoLEConfig, "data": DataSection, "train": TrainSection,
                   "checkpoint": CheckpointSection}
 
 
@@ -190,7 +198,7 @@ def _coerce(where: str, value: Any, tp: Any) -> Any:
 
 
 def _build_section(name: str, values: dict[str, Any]) -> Any:
-    cls = _SECTION_TYPES[name]
+    cls = SECTION_TYPES[name]
     hints = typing.get_type_hints(cls)
     known = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(known))
@@ -204,7 +212,7 @@ def load_run_config(path: str | None = None, overrides: list[str] | None = None,
                     base: dict[str, Any] | None = None) -> RunConfig:
     """Read a run config: ``base`` (e.g. the DeepSpeed file's "mole" key as {"mole": ...}), then the file,
     then ``--section.key value`` / ``section.key=value`` overrides, each layer replacing the last."""
-    merged: dict[str, dict[str, Any]] = {k: {} for k in _SECTION_TYPES}
+    merged: dict[str, dict[str, Any]] = {k: {} for k in SECTION_TYPES}
 
     def merge(src: dict[str, Any], origin: str) -> None:
         for sec, vals in src.items():
@@ -227,7 +235,17 @@ def load_run_config(path: str | None = None, overrides: list[str] | None = None,
             raise ValueError(f"run config {path} must be a mapping of sections")
         merge(data, path)
     merge(_parse_overrides(overrides or []), "command-line overrides")
-    return RunConfig(**{name: _build_section(name, vals) for name, vals in merged.items()})
+    sections, problems = {}, []
+    for name, vals in merged.items():  # every section's problems, not only the first section's
+        try:
+            sections[name] = _build_section(name, vals)
+        except ConfigError as exc:
+            problems += exc.problems
+        except ValueError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ConfigError(problems)
+    return RunConfig(**sections)
 
 
 def _parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -245,7 +263,7 @@ def _parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
             value = items[i + 1]
             i += 2
         if "." not in key:
-            raise ValueError(f"override {item} must look like --section.key value (sections: {', '.join(_SECTION_TYPES)})")
+            raise ValueError(f"override {item} must look like --section.key value (sections: {', '.join(SECTION_TYPES)})")
         sec, k = key.split(".", 1)
         out.setdefault(sec, {})[k.replace("-", "_")] = yaml.safe_load(value) if value != "" else ""
     return out
@@ -259,18 +277,13 @@ _RANGES = [
     ("train", "eval_exact_match_tokens", 0, True),
     ("train", "collective_timeout_s", 0, False), ("train", "stop_grace_s", 0, False),
     ("checkpoint", "every", 0, True), ("checkpoint", "keep", 0, True),
-    ("data", "max_length", 8, True), ("data", "num_workers", 0, True), ("data", "shuffle_buffer", 0, True),
-    ("data", "samples_per_epoch", 0, True), ("data", "streams", 0, True),
-    ("data", "storage_timeout_s", 0, False),
     ("model", "tiny_layers", 1, True), ("model", "tiny_hidden", 8, True),
 ]
 
 
 def check_values(cfg: RunConfig) -> list[str]:
     """Every out-of-range value of the run config, each naming the field and the value (``mole`` checks itself
-    when built)."""
-    import math
-
+    when built; ``data`` has its layer's rules, :meth:`DataSection.problems`)."""
     p: list[str] = []
     for sec, name, lo, inclusive in _RANGES:
         v = getattr(getattr(cfg, sec), name)
@@ -280,29 +293,15 @@ def check_values(cfg: RunConfig) -> list[str]:
             p.append(f"{sec}.{name} ({v}) must be {'>=' if inclusive else '>'} {lo}")
     if not 0.0 <= cfg.train.min_lr_ratio <= 1.0:
         p.append(f"train.min_lr_ratio ({cfg.train.min_lr_ratio}) must be in [0, 1]")
-    from ..data.chat import CHAT_FORMATS
-    from ..data.config import MISMATCH_POLICIES
-
-    if cfg.data.chat_format not in CHAT_FORMATS:
-        p.append(f"data.chat_format ({cfg.data.chat_format!r}) must be one of {', '.join(CHAT_FORMATS)}")
-    if cfg.data.mismatch_policy not in MISMATCH_POLICIES:
-        p.append(f"data.mismatch_policy ({cfg.data.mismatch_policy!r}) must be one of {', '.join(MISMATCH_POLICIES)}")
-    if not 0.0 <= cfg.data.max_skip_fraction <= 1.0:
-        p.append(f"data.max_skip_fraction ({cfg.data.max_skip_fraction}) must be in [0, 1]")
-    for d, w in cfg.data.domain_weights.items():
-        if w < 0:
-            p.append(f"data.domain_weights.{d} ({w}) must be >= 0")
-    if cfg.data.domain_weights and sum(cfg.data.domain_weights.values()) <= 0:
-        p.append(f"data.domain_weights ({cfg.data.domain_weights}) must have a positive sum")
+    p += cfg.data.problems()
     if cfg.train.collective_timeout_s <= cfg.data.storage_timeout_s:
         p.append(f"train.collective_timeout_s ({cfg.train.collective_timeout_s:g}) must exceed data.storage_timeout_s "
                  f"({cfg.data.storage_timeout_s:g}): a rank may wait that long on storage while its peers wait for it")
-    for sec in ("train", "eval"):
-        for url in getattr(cfg.data, sec) or []:
-            if "://" not in url and not Path(url).exists():
-                p.append(f"data.{sec} ({url!r}) does not exist (a local manifest.json, folder of shards or .tar)")
     if cfg.checkpoint.resume not in ("none", "auto") and not Path(cfg.checkpoint.resume).is_dir():
         p.append(f"checkpoint.resume ({cfg.checkpoint.resume!r}) must be none, auto or an existing checkpoint directory")
+    if cfg.model.path and not (Path(cfg.model.path) / "config.json").is_file():
+        p.append(f"model.path ({cfg.model.path!r}) is not a local transformers model directory (no config.json); "
+                 "nothing is downloaded")
     if cfg.model.dtype not in ("auto", "bf16", "fp32"):
         p.append(f"model.dtype ({cfg.model.dtype!r}) must be auto, bf16 or fp32")
     if cfg.train.warmup_steps > cfg.train.max_steps:
@@ -314,10 +313,8 @@ def check_against_deepspeed(cfg: RunConfig, ds: dict[str, Any], world_size: int)
     """Every inconsistency between the run config, the DeepSpeed config and the world, named with values."""
     p: list[str] = []
     ep = cfg.mole.ep_size
-    if isinstance(ep, int) and ep > world_size:
-        p.append(f"mole.ep_size ({ep}) must be <= world size ({world_size})")
-    elif isinstance(ep, int) and world_size % ep:
-        p.append(f"world size ({world_size}) must be divisible by mole.ep_size ({ep})")
+    if isinstance(ep, int):  # 'auto' is resolved at start-up, from the real world size
+        p += check_ep_size(ep, world_size)
     zero = ds.get("zero_optimization", {})
     stage = zero.get("stage", 0) if isinstance(zero, dict) else None
     if stage not in (0, 1, 2, 3):
@@ -344,3 +341,54 @@ def check_against_deepspeed(cfg: RunConfig, ds: dict[str, Any], world_size: int)
     if cfg.model.train_base and isinstance(ep, int) and ep > 1:
         p.append(f"model.train_base (true) trains no experts: mole.ep_size ({ep}) must be 1")
     return p
+
+
+def check_data_fits(cfg: RunConfig, processor) -> list[str]:
+    """What needs the processor: data.max_length against the shortest sample of the run's local sources, with
+    the processor's image-token expansion (remote sources: the loader raises the same refusal)."""
+    from ..data.loader import check_sources
+
+    p = check_sources(cfg.data, cfg.data.train, processor, "data.train")
+    return p + [x for x in check_sources(cfg.data, cfg.data.eval, processor, "data.eval") if x not in p]
+
+
+# -- help ---------------------------------------------------------------------------------------------------
+
+def field_docs(cls: type) -> dict[str, str]:
+    """{field: attribute docstring} of a dataclass and its dataclass bases (the string literal right after each
+    field, read from the source with ast)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        except (OSError, TypeError):
+            continue
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+                docs[node.target.id] = inspect.cleandoc(nxt.value.value)
+    return docs
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def fields_help(width: int = 110) -> str:
+    """Every run-config field, by section: ``--section.name  type  (default: value)`` and its docstring."""
+    out = []
+    for name, cls in SECTION_TYPES.items():
+        out.append(f"{name}:  ({cls.__module__}.{cls.__qualname__})")
+        docs = field_docs(cls)
+        own = cls.__dict__.get("__annotations__", {})  # a section's own fields first, then its layer's schema
+        for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):
+            tp = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            out.append(f"  --{name}.{f.name}  {tp}  (default: {json.dumps(_default(f))})")
+            doc = " ".join(docs.get(f.name, "(undocumented)").split())
+            out += textwrap.wrap(doc, width, initial_indent="      ", subsequent_indent="      ")
+        out.append("")
+    return "\n".join(out)

@@ -1,4 +1,8 @@
-"""What ``launchers/train.py`` runs: parse, check everything, initialise distributed, train."""
+"""What ``launchers/train.py`` runs: parse, check everything, initialise distributed, train.
+
+Every refused configuration ends the same way, before or after the ranks start: one message listing every
+problem, each naming its field and value (a :class:`mole_ds.config.ConfigError`), and exit status 2.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from .config import check_against_deepspeed, check_values, load_run_config
+from ..config import ConfigError
+from .config import check_against_deepspeed, check_data_fits, check_values, fields_help, load_run_config
 
 USAGE = """deepspeed launchers/train.py --deepspeed ds_configs/zero3_ep.json [--config run.yaml] [--section.key value ...]
 
@@ -19,7 +24,10 @@ Example: --mole.num_experts 8 --train.max_steps 50 --data.train demo_data/shards
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    ap = argparse.ArgumentParser(prog="launchers/train.py", usage=USAGE)
+    ap = argparse.ArgumentParser(prog="launchers/train.py", usage=USAGE,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="run config fields (--section.key value; lists as a,b; mappings as "
+                                        "a=0.5,b=0.5):\n\n" + fields_help())
     ap.add_argument("--deepspeed", "--deepspeed_config", dest="deepspeed", required=True, help="DeepSpeed JSON config")
     ap.add_argument("--config", default=None, help="run config (YAML or JSON)")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
@@ -27,7 +35,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def prepare(argv: list[str], world_size: int):
-    """(run config, DeepSpeed config) after every check that needs no process group; raises ValueError."""
+    """(run config, DeepSpeed config) after every check that needs no process group (the processor's image-token
+    count included: it is built here, without the model); raises ConfigError listing every problem."""
     from .engine import strip_ds_config
 
     args, overrides = parse_args(argv)
@@ -46,10 +55,24 @@ def prepare(argv: list[str], world_size: int):
     bf = ds.get("bf16")
     schema_view = {**ds, "bf16": {**bf, "enabled": True}} if isinstance(bf, dict) and bf.get("enabled") == "auto" else ds
     problems = check_deepspeed_keys(schema_view)
-    cfg = load_run_config(args.config, overrides, base=ours)
+    try:
+        cfg = load_run_config(args.config, overrides, base=ours)
+    except ConfigError as exc:
+        raise ConfigError(problems + exc.problems) from None
     problems += check_values(cfg) + check_against_deepspeed(cfg, ds, world_size)
+    if not any(x.startswith(("model.path", "data.")) for x in problems):
+        # data.max_length against the processor's image-token expansion, before the model is loaded.
+        from .model_loading import build_processor
+
+        try:
+            processor = build_processor(cfg.model)
+        except (OSError, ValueError) as exc:
+            problems.append(f"model.path ({cfg.model.path!r}) has no processor that loads: "
+                            f"{' '.join(str(exc).split())[:500]}")
+        else:
+            problems += check_data_fits(cfg, processor)
     if problems:
-        raise ValueError("invalid run configuration:\n  " + "\n  ".join(problems))
+        raise ConfigError(problems)
     return cfg, ds
 
 
@@ -61,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", 0))
     try:
         cfg, ds = prepare(argv, world)
-    except ValueError as exc:
+    except ValueError as exc:  # a ConfigError, or a file that cannot be read
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -91,6 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         summary = trainer.run()
         if trainer.rank == 0:
             print_summary(cfg, summary)
+    except ConfigError as exc:
+        # Found only once the ranks run (e.g. the shards of a remote source): the same refusal, the same status.
+        # Every rank finds it (the same config and data), so none waits on a peer.
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        teardown([trainer.close] if trainer is not None else [], destroy_group=False)
+        exit_now(2)
     except BaseException as exc:  # noqa: BLE001 - every failure ends this rank, nonzero, without hanging
         print(describe_failure(exc, rank), file=sys.stderr, flush=True)
         import traceback

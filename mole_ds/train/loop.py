@@ -1,6 +1,7 @@
 """The training loop: DeepSpeed engine steps, aux losses, evaluation per domain, checkpoints, metrics."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -12,7 +13,9 @@ from ..data import DataConfig, build_loader, merge_states
 from ..mole.collect import aux_losses, routing_counts_by_sample
 from ..parallel import all_to_all_bytes
 from ..patching import mole_layers
-from .checkpoint import find_resume, load_checkpoint, save_checkpoint, save_training_checkpoint
+from ..runtime import barrier, rank, world_size
+from ..checkpoint import client_states, find_resume
+from .checkpoint import load_checkpoint, save_checkpoint, save_training_checkpoint
 from .config import RunConfig
 from .engine import ds_stage, expert_bytes, setup_training
 from .faults import StopSignal
@@ -21,25 +24,11 @@ from .metrics import MetricsWriter, RoutingTracker, write_routing_report
 from .zero3 import VisionSync
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
 def _data_config(cfg: RunConfig, urls: list[str], micro_batch: int, eval_mode: bool) -> DataConfig:
-    d = cfg.data
-    weights = d.domain_weights or None
-    return DataConfig(urls=urls, batch_size=micro_batch, max_length=d.max_length, num_workers=d.num_workers,
-                      seed=d.seed + (7 if eval_mode else 0), shuffle_shards=not eval_mode,
-                      shuffle_buffer=0 if eval_mode else d.shuffle_buffer,
-                      domain_weights=None if eval_mode else weights,
-                      samples_per_epoch=(d.samples_per_epoch or None) if (weights and not eval_mode) else None,
-                      streams=None if eval_mode else (d.streams or None),
-                      chat_format=d.chat_format, mismatch_policy=d.mismatch_policy,
-                      storage_timeout_s=d.storage_timeout_s, max_skip_fraction=d.max_skip_fraction)
+    """A loader's config: the run's data options (the data layer's schema, so no field is mapped by hand) with
+    the sources and DeepSpeed's micro-batch; held-out reading is the data layer's DataConfig.for_eval."""
+    data = DataConfig(urls=urls, batch_size=micro_batch, **cfg.data.options())
+    return data.for_eval(urls) if eval_mode else data
 
 
 class Trainer:
@@ -47,10 +36,12 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, ds: dict, progress: bool = True) -> None:
         self.cfg, self.ds = cfg, ds
-        self.rank, self.world = _rank(), _world()
+        self.rank, self.world = rank(), world_size()
         self.out = Path(cfg.train.output_dir)
         self.ckpt_root = self.out / "checkpoints"
         self.setup = setup_training(cfg, ds, base_dir=self.out / "base_model")
+        # The run as it runs: the caller's config with what setup resolved (mole.ep_size 'auto' -> a number).
+        self.cfg = dataclasses.replace(cfg, mole=self.setup.mole)
         self.engine = self.setup.engine
         self.model = self.engine.module
         self.micro = int(ds["train_micro_batch_size_per_gpu"])
@@ -127,8 +118,7 @@ class Trainer:
             if self.rank == 0:  # ZeRO 0-2 keep full weights on every rank
                 self.model.save_pretrained(tag / "model")
                 self.setup.processor.save_pretrained(tag / "model")
-            if dist.is_initialized():
-                dist.barrier()
+            barrier()
             return tag
         ep_group = self.setup.ep.ep_group if self.setup.ep is not None else None
         return save_training_checkpoint(self.engine, self.ckpt_root, self.step, client, self._meta(), self.cfg.mole,
@@ -166,10 +156,7 @@ class Trainer:
 
     @staticmethod
     def _old_routing_total(tag: Path) -> torch.Tensor:
-        from ..consolidate import _load
-
-        files = sorted(tag.glob("zero_pp_rank_*_model_states.pt")) or sorted(tag.glob("mp_rank_*_model_states.pt"))
-        return sum(torch.tensor(_load(f)["routing"], dtype=torch.float64) for f in files)
+        return sum(torch.tensor(sd["routing"], dtype=torch.float64) for sd in client_states(tag))
 
     # -- evaluation ------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..parallel.deepspeed_compat import is_partitioned
 from .config import ModelSection
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -51,6 +52,18 @@ def _model_class(cfg):
     return LlavaForConditionalGeneration if cfg.model_type == "llava" else AutoModelForCausalLM
 
 
+def build_processor(section: ModelSection):
+    """The processor of the model a run trains (tokenizer + image processor; no weights): the checkpoint
+    directory's own, or the embedded tiny one. Cheap enough for the launcher's checks before start."""
+    if section.path:
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(section.path, local_files_only=True)
+    from ..models.processor import build_tiny_processor
+
+    return build_tiny_processor(image_size=32, patch_size=8)
+
+
 def build_model(section: ModelSection, ds: dict, seed: int = 0, partitioned: bool | None = None):
     """(model, processor). An empty ``section.path`` builds the embedded tiny LLaVA locally.
 
@@ -58,7 +71,7 @@ def build_model(section: ModelSection, ds: dict, seed: int = 0, partitioned: boo
     ``partitioned=False`` forces the whole load under ZeRO-3 too (every rank builds the full model and
     ``deepspeed.initialize`` partitions it afterwards: the slow reference, kept for benchmarks and parity
     tests). The tiny embedded model is always built whole and partitioned by ``deepspeed.initialize``."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
     dtype = model_dtype(section, ds)
     zero3 = ds_stage(ds) == 3
@@ -69,13 +82,11 @@ def build_model(section: ModelSection, ds: dict, seed: int = 0, partitioned: boo
             raise ValueError(f"model.path ({section.path!r}) is not a local transformers model directory "
                              "(no config.json); nothing is downloaded")
         model = load_base(path, ds, dtype, partitioned=zero3 and partitioned is not False)
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-        return model, processor
+        return model, build_processor(section)
 
-    from ..models.processor import build_tiny_processor
     from ..models.tiny import tiny_llava_config
 
-    processor = build_tiny_processor(image_size=32, patch_size=8)
+    processor = build_processor(section)
     tok = processor.tokenizer
     # initializer_range 1/sqrt(hidden), not transformers' 0.02: the frozen lm_head sits behind an RMSNorm of
     # weight 1, so at 0.02 its logits can never exceed ~0.16 sqrt(hidden) and no adapter could make the
@@ -131,7 +142,7 @@ def cast_unpartitioned(model: torch.nn.Module, dtype: torch.dtype) -> None:
     the MoLE/LoRA tensors added by patching for a partitioned one) to ``dtype``. Partitioned tensors are
     already in the dtype zero.Init gave them, and DeepSpeed does not cast a zero.Init model itself."""
     for p in model.parameters():
-        if not hasattr(p, "ds_id") and p.is_floating_point() and p.dtype != dtype:
+        if not is_partitioned(p) and p.is_floating_point() and p.dtype != dtype:
             p.data = p.data.to(dtype)
 
 

@@ -20,7 +20,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     dist.init_process_group("gloo")
-    loader = build_loader(DataConfig(urls=args.manifest, batch_size=2, max_length=128, num_workers=0),
+    loader = build_loader(DataConfig(urls=args.manifest, batch_size=2, max_length=128, num_workers=0, shuffle_buffer=1000),
                           build_tiny_processor(image_size=32, patch_size=8))
     ids = [i for batch in loader for i in batch["ids"]]
     rec = {"rank": dist.get_rank(), "world": dist.get_world_size(), "loader_rank": loader.rank,

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.dist.test_expert_parallel import launch
+from tests.support import PY, ROOT, free_port, log_of, make_demo_data, records, run, worker_losses
 
 pytestmark = pytest.mark.dist
 
@@ -24,13 +24,13 @@ TAG = "step00000002"
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("elastic")
+def runs(worker_run):
+    """The launches of this module, once (tests/dist/conftest.py's worker_run: "ref" is test_expert_parallel's
+    reference, and "w2_ep2"'s checkpoint is also one of test_consolidate's layouts)."""
     r = {}
 
     def go(name, n, *args):
-        r[name] = root / name
-        launch(n, r[name], *args)
+        r[name] = worker_run(n, *args)
 
     go("ref", 1, "--stage", "0", "--ep", "1")
     go("w2_ep2", 2, "--stage", "3", "--ep", "2", "--save-at", "2")
@@ -43,16 +43,12 @@ def runs(tmp_path_factory):
     return r
 
 
-def _losses(d: Path) -> dict:
-    return json.loads((d / "losses.json").read_text())
-
-
 @pytest.mark.parametrize("name", ["w2_ep2_to_w1_ep1", "w2_ep2_to_w2_ep1", "w1_ep1_to_w2_ep2", "w2_ep2_to_w2_z2_ep1"])
 def test_resumed_on_another_layout_equals_uninterrupted(runs, name):
-    ref, got = _losses(runs["ref"]), _losses(runs[name])
+    ref, got = worker_losses(runs["ref"]), worker_losses(runs[name])
     assert got["start"] == 2 and len(got["losses"]) == 2
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"][2:]), rtol=0, atol=1e-4)
-    log = (runs[name].parent / f"{name}.log").read_text()
+    log = log_of(runs[name]).read_text()
     assert "re-slicing weights and Adam state" in log
     sa, sb = load_file(str(runs["ref"] / "final.safetensors")), load_file(str(runs[name] / "final.safetensors"))
     assert set(sa) == set(sb) and any(".experts." in k for k in sa)
@@ -61,9 +57,9 @@ def test_resumed_on_another_layout_equals_uninterrupted(runs, name):
 
 
 def test_writers_match_reference_up_to_the_checkpoint(runs):
-    ref = _losses(runs["ref"])["losses"]
+    ref = worker_losses(runs["ref"])["losses"]
     for name in ("w2_ep2", "w1_ep1"):
-        torch.testing.assert_close(torch.tensor(_losses(runs[name])["losses"]), torch.tensor(ref), rtol=0, atol=1e-5)
+        torch.testing.assert_close(torch.tensor(worker_losses(runs[name])["losses"]), torch.tensor(ref), rtol=0, atol=1e-5)
 
 
 def test_checkpoint_carries_adam_moments(runs):
@@ -163,7 +159,7 @@ def test_mid_epoch_resize_that_cannot_be_exact_is_refused(tmp_path):
     _, state = _run(tmp_path, "w2", steps=3)
     with pytest.raises(ValueError, match=r"middle of epoch 0 \(step 3 of 6\) with data.streams 4.*multiple of "
                                          r"the world size \(3\)"):
-        _data_loaders(tmp_path, 3, 2, streams=None)[0].load_state_dict(state)  # 4 streams cannot split over 3 ranks
+        _data_loaders(tmp_path, 3, 2, streams=0)[0].load_state_dict(state)  # 4 streams cannot split over 3 ranks
     with pytest.raises(ValueError, match=r"after 3 samples per stream; this layout takes 2 per stream"):
         _data_loaders(tmp_path, 2, 4)[0].load_state_dict(state)  # a global batch of 8 does not divide 3
     one_rank = _data_loaders(tmp_path, 2, 2)[0]
@@ -198,15 +194,8 @@ def launched(tmp_path_factory):
       w2_ep1:  w2's checkpoint resumed on 2 ranks with ep 1 (replicated experts) to step 6;
       w1_ga2:  w2's checkpoint resumed on 1 rank keeping the micro-batch of 2, with gradient accumulation 2.
     mole.dropout is 0: dropout masks belong to each rank's RNG stream, which another layout cannot continue."""
-    import subprocess
-
-    from tests.dist.test_expert_parallel import _free_port
-    from tests.dist.test_launcher import ENV, PY, ROOT, run
-
     root = tmp_path_factory.mktemp("elastic_launch")
-    data = root / "data"
-    subprocess.run([str(PY), str(ROOT / "tools/make_demo_data.py"), "--out", str(data), "--train-per-domain", "8",
-                    "--eval-per-domain", "2", "--max-samples", "8"], env=ENV, check=True, capture_output=True, cwd=ROOT)
+    data = make_demo_data(root / "data", train_per_domain=8, eval_per_domain=2, max_samples=8)
     base = json.loads((ROOT / "ds_configs/zero3_ep_fp32.json").read_text())
 
     def go(name: str, ranks: int, *extra: str, ep: int | None = None, accum: int = 1) -> Path:
@@ -214,7 +203,7 @@ def launched(tmp_path_factory):
               "mole_ds": {"mole": {**base["mole_ds"]["mole"], "ep_size": ep or ranks}}}
         (root / f"{name}.json").write_text(json.dumps(ds))
         out = root / name
-        run([str(PY.with_name("deepspeed")), "--num_gpus", str(ranks), "--master_port", str(_free_port()),
+        run([str(PY.with_name("deepspeed")), "--num_gpus", str(ranks), "--master_port", str(free_port()),
              str(ROOT / "launchers/train.py"), "--deepspeed", str(root / f"{name}.json"),
              "--config", str(ROOT / "launchers/configs/demo.yaml"),
              "--data.train", str(data / "shards/train/manifest.json"), "--data.eval", "[]", "--data.streams", "4",
@@ -234,18 +223,13 @@ def launched(tmp_path_factory):
     return r
 
 
-def _records(out: Path, kind: str) -> dict[int, dict]:
-    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in recs if r["kind"] == kind}
-
-
 def test_launched_run_sees_one_epoch_whatever_the_world_size(launched):
-    ref = {s: r["ids"] for s, r in _records(launched["w2"], "samples").items()}
+    ref = {s: r["ids"] for s, r in records(launched["w2"], "samples").items()}
     ids = [i for s in sorted(ref) for i in ref[s]]
     assert sorted(ref) == [1, 2, 3, 4, 5, 6] and len(ids) == len(set(ids)) == 24  # one epoch, each sample once
     for name, steps in (("w1", [1, 2, 3]), ("w2_w1", [4, 5, 6]), ("w1_w2", [4, 5, 6]), ("w2_ep1", [4, 5, 6]),
                         ("w1_ga2", [4, 5, 6])):
-        got = {s: r["ids"] for s, r in _records(launched[name], "samples").items()}
+        got = {s: r["ids"] for s, r in records(launched[name], "samples").items()}
         assert sorted(got) == steps, name  # a resumed run writes to its own output_dir: steps 4-6
         assert all(got[s] == ref[s] for s in steps), name  # the same samples in every global step
 
@@ -254,8 +238,8 @@ def test_launched_run_sees_one_epoch_whatever_the_world_size(launched):
 def test_launched_resize_continues_the_same_training(launched, name):
     # The task loss is a mean over all supervised tokens of the step (not of per-rank means), so a step on
     # 1 rank and the same step on 2 ranks are the same step.
-    ref = {s: r["loss"] for s, r in _records(launched["w2"], "train").items()}
-    got = {s: r["loss"] for s, r in _records(launched[name], "train").items()}
+    ref = {s: r["loss"] for s, r in records(launched["w2"], "train").items()}
+    got = {s: r["loss"] for s, r in records(launched[name], "train").items()}
     assert got, name
     for s in got:
         assert got[s] == pytest.approx(ref[s], abs=1e-4), (name, s, got[s], ref[s])

@@ -19,10 +19,18 @@ def _prep(tmp_path, world, *overrides, ds=None):
     return prepare(["--deepspeed", str(p), *overrides], world)
 
 
+def _shards(tmp_path):
+    """A local folder of shards (never read: the checks before start only list it)."""
+    d = tmp_path / "shards"
+    d.mkdir(exist_ok=True)
+    (d / "general-000000.tar").write_bytes(b"")
+    return str(d)
+
+
 def test_valid_config_merges_deepspeed_file_then_overrides(tmp_path):
     run = tmp_path / "run.yaml"
     run.write_text("mole:\n  num_experts: 8\ntrain:\n  max_steps: 20\n")
-    cfg, ds = _prep(tmp_path, 4, "--config", str(run), "--train.lr", "1e-3")
+    cfg, ds = _prep(tmp_path, 4, "--config", str(run), "--train.lr", "1e-3", "--data.train", _shards(tmp_path))
     assert (cfg.mole.num_experts, cfg.mole.ep_size, cfg.train.max_steps, cfg.train.lr) == (8, 2, 20, 1e-3)
     assert "mole_ds" not in ds  # DeepSpeed never sees our key
 
@@ -85,6 +93,79 @@ def test_launcher_exits_2_with_message(tmp_path, capsys, args, ds_extra, message
     assert message in capsys.readouterr().err
 
 
+MAX_LENGTH_REFUSAL = (
+    "invalid run configuration:\n"
+    "  data.max_length (16) cannot hold one image sample: the image alone expands to 16 tokens, and with the "
+    "shortest prompt and answer in chat_format 'vicuna_v1' it needs 69 tokens; set data.max_length to at least 69 "
+    "(real samples need more: leave room for the question and the answer)")
+
+
+def test_max_length_below_one_image_sample_is_refused_before_start(tmp_path, capsys):
+    """The image-token count comes from the processor, built before the model (the embedded tiny one here:
+    (32 / 8) ** 2 = 16 image tokens); the refusal is the launcher's one message, exit 2."""
+    from mole_ds.train.launch import main
+
+    with pytest.raises(ValueError) as err:
+        _prep(tmp_path, 2, "--data.train", _shards(tmp_path), "--data.max_length", "16")
+    assert str(err.value) == MAX_LENGTH_REFUSAL
+    p = tmp_path / "ds.json"
+    assert main(["--deepspeed", str(p), "--data.train", _shards(tmp_path), "--data.max_length", "16",
+                 "--mole.ep_size", "1"]) == 2  # main's world size is WORLD_SIZE's (1 here)
+    assert capsys.readouterr().err == f"error: {MAX_LENGTH_REFUSAL}\n"
+
+
+def test_max_length_refusal_at_load_time_is_the_same_config_error():
+    """A remote source is listed only by the loader: the same refusal, a ConfigError (the launcher exits 2)."""
+    from mole_ds.config import ConfigError
+    from mole_ds.data import DataConfig, check_max_length
+    from mole_ds.data.manifest import ShardInfo
+    from mole_ds.models.processor import build_tiny_processor
+
+    with pytest.raises(ConfigError) as err:
+        check_max_length(DataConfig(urls="s3://b/p/", max_length=16), build_tiny_processor(image_size=32, patch_size=8),
+                         [ShardInfo("s3://b/p/general-000000.tar", "general")])
+    assert str(err.value) == MAX_LENGTH_REFUSAL
+
+
+def test_every_section_problem_and_data_rule_listed_at_once(tmp_path):
+    with pytest.raises(ValueError) as err:
+        _prep(tmp_path, 2, "--mole.num_experts", "0", "--train.max_steps", "ten", "--data.max_length", "4",
+              "--data.samples_per_epoch", "10", "--data.domain_weights", "a=-1", "--model.path", str(tmp_path))
+    text = str(err.value)
+    for msg in ("mole.num_experts (0) must be >= 1", "train.max_steps ('ten') must be an integer"):
+        assert msg in text
+    with pytest.raises(ValueError) as err:
+        _prep(tmp_path, 2, "--data.max_length", "4", "--data.num_workers", "-1", "--data.domain_weights", "a=-1",
+              "--model.path", str(tmp_path))
+    text = str(err.value)
+    for msg in ("data.train ([]) must name at least one shard source", "data.max_length (4) must be >= 8",
+                "data.num_workers (-1) must be >= 0", "data.domain_weights.a (-1.0) must be a number >= 0",
+                f"model.path ({str(tmp_path)!r}) is not a local transformers model directory (no config.json)"):
+        assert msg in text
+    with pytest.raises(ValueError, match=r"data.samples_per_epoch \(10\) is only for mixing mode"):
+        _prep(tmp_path, 2, "--data.train", _shards(tmp_path), "--data.samples_per_epoch", "10")
+
+
+def test_help_lists_every_field_with_type_default_and_docstring(capsys):
+    import dataclasses
+
+    from mole_ds.train.config import SECTION_TYPES, field_docs
+    from mole_ds.train.launch import parse_args
+
+    with pytest.raises(SystemExit) as ex:
+        parse_args(["--help"])
+    assert ex.value.code == 0
+    out = capsys.readouterr().out
+    for section, cls in SECTION_TYPES.items():
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            assert f"  --{section}.{f.name}  {f.type}  (default: {json.dumps(default)})\n" in out, (section, f.name)
+            assert docs.get(f.name), f"{section}.{f.name} has no docstring"
+            assert " ".join(docs[f.name].split())[:60] in " ".join(out.split()), (section, f.name)
+    assert "--data.max_length  int  (default: 512)" in out and "--mole.ep_size  int | str  (default: 1)" in out
+
+
 def test_version_range_and_ep_checks():
     with pytest.raises(RuntimeError, match=r"deepspeed 0.18.0 is outside the tested range >=0.19.3,<0.20.0"):
         check_deepspeed_version("0.18.0")
@@ -133,7 +214,8 @@ def _fake_tag(root, step, meta_extra=None):
     """A checkpoint tag with the marker and manifest written as save_checkpoint writes them."""
     import json as _json
 
-    from mole_ds.train.checkpoint import META, file_manifest
+    from mole_ds.checkpoint import MARKER as META
+    from mole_ds.checkpoint import file_manifest
 
     tag = root / f"step{step:08d}"
     (tag / "rng").mkdir(parents=True)
@@ -146,7 +228,7 @@ def _fake_tag(root, step, meta_extra=None):
 
 
 def test_checkpoints_are_verified_and_resume_falls_back(tmp_path, capsys):
-    from mole_ds.train.checkpoint import find_resume, verify_checkpoint
+    from mole_ds.checkpoint import find_resume, verify_checkpoint
 
     old, new = _fake_tag(tmp_path, 2), _fake_tag(tmp_path, 4)
     assert verify_checkpoint(new) == [] and find_resume("auto", tmp_path) == new
@@ -155,7 +237,7 @@ def test_checkpoints_are_verified_and_resume_falls_back(tmp_path, capsys):
     problems = verify_checkpoint(new)
     assert len(problems) == 1 and "mole.safetensors: 10 bytes, the manifest says 1000" in problems[0]
     assert find_resume("auto", tmp_path) == old
-    assert f"not resuming from {new}" in capsys.readouterr().err
+    assert f"not using checkpoint {new}" in capsys.readouterr().err
     with pytest.raises(ValueError, match="fails verification"):
         find_resume(str(new), tmp_path)
     # Same size, other bytes: detected by the hash. A missing file is named.

@@ -237,6 +237,6 @@ def test_data_config_chat_fields():
         ("vicuna_v1", "error", 600.0, 0.01)
     with pytest.raises(ValueError) as ei:
         DataConfig(urls="x/", chat_format="chatml", mismatch_policy="keep", storage_timeout_s=0, max_skip_fraction=2)
-    for part in ("chat_format ('chatml') must be one of ('vicuna_v1', 'template')", "mismatch_policy ('keep')",
-                 "storage_timeout_s (0)", "max_skip_fraction (2)"):
+    for part in ("data.chat_format ('chatml') must be one of vicuna_v1, template", "data.mismatch_policy ('keep')",
+                 "data.storage_timeout_s (0) must be > 0", "data.max_skip_fraction (2) must be in [0, 1]"):
         assert part in str(ei.value)

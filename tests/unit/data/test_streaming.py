@@ -183,8 +183,33 @@ def test_data_config_errors():
     with pytest.raises(ValueError) as ei:
         DataConfig(urls="", batch_size=0, mismatch_policy="drop", domain_weights={"a": -1})
     msg = str(ei.value)
-    for part in ("urls ('')", "batch_size (0)", "mismatch_policy ('drop')", "domain_weights['a'] (-1)"):
+    for part in ("data.urls ('')", "data.batch_size (0)", "data.mismatch_policy ('drop')",
+                 "data.domain_weights.a (-1) must be a number >= 0"):
         assert part in msg
+    with pytest.raises(ValueError, match=r"data.samples_per_epoch \(100\) is only for mixing mode"):
+        DataConfig(urls="x/", samples_per_epoch=100)
+
+
+def test_one_schema_with_one_set_of_defaults():
+    """The run config's data section is the data layer's schema: the same fields, defaults and rules."""
+    import dataclasses
+
+    from mole_ds.data import DataOptions
+    from mole_ds.train.config import DataSection
+
+    opts = {f.name: f for f in dataclasses.fields(DataOptions)}
+    for cls in (DataConfig, DataSection):
+        mine = {f.name: f for f in dataclasses.fields(cls)}
+        assert set(opts) <= set(mine)
+        for name, f in opts.items():
+            assert mine[name].default == f.default and mine[name].default_factory == f.default_factory, (cls, name)
+    d = DataOptions()
+    assert (d.max_length, d.num_workers, d.shuffle_buffer, d.streams, d.domain_weights) == (512, 0, 256, 0, {})
+    assert DataSection(max_length=4, train=["x"]).problems()[0] == "data.max_length (4) must be >= 8"
+    cfg = DataConfig(urls="t/", batch_size=2, seed=5, domain_weights={"a": 1.0}, samples_per_epoch=10, streams=4)
+    ev = cfg.for_eval("e/")
+    assert (ev.urls, ev.seed, ev.shuffle_shards, ev.shuffle_buffer, ev.domain_weights, ev.samples_per_epoch,
+            ev.streams, ev.batch_size) == ("e/", 12, False, 0, {}, 0, 0, 2)
 
 
 def test_stream_layout_rules():
