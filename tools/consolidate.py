@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from mole_ds.checkpoint import consolidate, resolve_tag
-from mole_ds.consolidate import write_full_model
+from mole_ds.inference import write_full_model
 
 
 def main(argv: list[str] | None = None) -> int:

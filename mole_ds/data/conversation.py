@@ -44,8 +44,7 @@ ROLE_ALIASES = {"human": USER, "gpt": ASSISTANT}
 IGNORE_INDEX = -100
 
 __all__ = ["IGNORE_INDEX", "IMAGE_PLACEHOLDER", "SEP", "SYSTEM_PROMPT", "EncodedConversation",
-           "TokenizationMismatchError", "build_segments", "conversation_problem", "encode_conversation",
-           "render_prompt"]
+           "TokenizationMismatchError", "conversation_problem", "encode_conversation", "render_prompt"]
 
 
 class TokenizationMismatchError(RuntimeError):
@@ -83,20 +82,6 @@ def conversation_problem(conversations, has_image: bool) -> str | None:
     if has_image and not placeholders:
         return "image_without_placeholder"
     return None
-
-
-def build_segments(conversations, image_expansion: str | None = None) -> list[tuple[str, bool]]:
-    """vicuna_v1 as (text, supervised) segments with a "</s>" end-of-turn (kept for older callers).
-
-    Prefer :func:`mole_ds.data.chat.build_prompt` / :func:`~mole_ds.data.chat.render_training`.
-    A trailing user turn without a reply is dropped.
-    """
-    text, spans = render_training(conversations, "vicuna_v1", None, image_expansion=image_expansion)
-    segs, pos = [], 0
-    for a, b in spans:
-        segs += [(text[pos:a], False), (text[a:b], True)]
-        pos = b
-    return [(t, sup) for t, sup in segs if t]
 
 
 def render_prompt(conversations, image_expansion: str | None = None, tokenizer=None,

@@ -1,4 +1,5 @@
-"""Per-domain routing statistics of evaluated samples: how many tokens each expert received, per layer."""
+"""Per-domain routing statistics of evaluated samples: how many tokens each expert received, per layer.
+The counts are kept in the project's one routing counter, ``mole_ds.routing_table.RoutingTable``."""
 from __future__ import annotations
 
 import json
@@ -6,6 +7,8 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+
+from ..routing_table import RoutingTable
 
 
 class DomainRouting:
@@ -17,20 +20,21 @@ class DomainRouting:
     def __init__(self, num_experts: int, top_k: int) -> None:
         self.num_experts = num_experts
         self.top_k = top_k
-        self.counts: dict[str, torch.Tensor] = {}
+        self.table = RoutingTable.zeros(0, num_experts, [])
+        """Domains in order of first appearance; layers set by the first request."""
         self.requests: Counter[str] = Counter()
 
     def add(self, domain: str, counts_LE: torch.Tensor) -> None:
-        c = counts_LE.detach().to(torch.float64).cpu()
-        self.counts[domain] = self.counts[domain] + c if domain in self.counts else c
+        self.table.add_to(domain, counts_LE)
         self.requests[domain] += 1
 
     def to_dict(self) -> dict:
         """JSON-ready: per domain, counts and fractions per layer and expert, and their mean over layers."""
-        domains = {}
-        for d in sorted(self.counts):
-            c_LE = self.counts[d]
-            frac_LE = c_LE / c_LE.sum(-1, keepdim=True).clamp_min(1)
+        t, domains = self.table, {}
+        frac_LDE = t.fractions()
+        for d in sorted(t.domains):
+            i = t.domains.index(d)
+            c_LE, frac_LE = t.counts[:, i].contiguous(), frac_LDE[:, i].contiguous()
             domains[d] = {
                 "requests": self.requests[d],
                 "tokens": int(round(float(c_LE[0].sum()) / self.top_k)),
@@ -39,7 +43,7 @@ class DomainRouting:
                 "fraction_mean": [round(x, 6) for x in frac_LE.mean(0).tolist()],
             }
         return {"num_experts": self.num_experts, "top_k": self.top_k,
-                "layers": len(next(iter(self.counts.values()))) if self.counts else 0,
+                "layers": t.layers if t.domains else 0,
                 "note": "counts[layer][expert]: tokens routed to the expert (each token counts top_k times); "
                         "tokens: prompt plus generated/scored tokens of the requests, padding excluded",
                 "domains": domains}

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..config import BALANCE_LOSSES
@@ -207,7 +207,3 @@ def run_study(cfg: ConflictConfig, log=print) -> dict:
     paths = write_outputs(Path(cfg.out), asdict(cfg), agg, records, cfg.variants, arms, cfg.seeds, wall)
     return {"agg": agg, "paths": paths, "records": records, "wall_s": wall}
 
-
-def config_fields() -> list[str]:
-    """ConflictConfig field names (the CLI makes each a flag)."""
-    return [f.name for f in fields(ConflictConfig)]

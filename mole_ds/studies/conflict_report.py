@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from .routing_table import RoutingTable, plot_heatmaps
+from ..routing_table import RoutingTable, plot_heatmaps
 from .stats import fmt_ci, mean_ci
 
 BASELINE = "mix"

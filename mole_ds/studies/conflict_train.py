@@ -21,11 +21,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-import mole_ds
+from mole_ds.config import MoLEConfig
 from mole_ds.demo.conflict import ConflictTask
 from mole_ds.models.tiny import build_tiny_llama
+from mole_ds.mole.collect import aux_loss, routing_counts_by_sample
+from mole_ds.patching import patch_model, set_sample_domains
+from mole_ds.routing_table import RoutingTable
 
-from .routing_table import RoutingTable
 
 ROUTE_BY = ("router", "domain", "input_hash")
 
@@ -89,7 +91,7 @@ def fixed_expert_ids(run: ArmRun, task: ConflictTask, d_B: torch.Tensor, x_BS: t
 def _forward_answer(model, task: ConflictTask, run: ArmRun, d_B, x_BS, ids_BL) -> torch.Tensor:
     ids = fixed_expert_ids(run, task, d_B, x_BS)
     if ids is not None:
-        mole_ds.set_sample_domains(model, ids)
+        set_sample_domains(model, ids)
     return model(input_ids=ids_BL).logits[:, -1].float()  # logits at SEP: the answer's
 
 
@@ -100,11 +102,11 @@ def train_arm(task: ConflictTask, run: ArmRun, s: TrainSettings, seed: int) -> d
     t0 = time.perf_counter()
     model = build_base(task, s, seed)
     torch.manual_seed(10_000 + seed)  # adapter init: the same per seed for every arm of that shape
-    cfg = mole_ds.MoLEConfig(num_experts=run.experts, top_k=min(s.top_k, run.experts), rank=run.rank,
+    cfg = MoLEConfig(num_experts=run.experts, top_k=min(s.top_k, run.experts), rank=run.rank,
                              alpha=s.alpha_over_rank * run.rank, dropout=s.dropout, routing=run.routing,
                              balance_loss=s.balance_loss, balance_coef=s.balance_coef, attn_lora=s.attn_lora,
                              backend="torch")
-    report = mole_ds.patch_model(model, cfg)
+    report = patch_model(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
     warm = max(1, int(s.warmup_frac * run.steps))
@@ -118,7 +120,7 @@ def train_arm(task: ConflictTask, run: ArmRun, s: TrainSettings, seed: int) -> d
         d_B, x_BS = task.sample(gen, run.batch or s.batch, run.train_domains)
         ids_BL, ans_B = task.encode(d_B, x_BS)
         loss = F.cross_entropy(_forward_answer(model, task, run, d_B, x_BS, ids_BL), ans_B)
-        total = loss + mole_ds.aux_loss(model) if use_aux else loss
+        total = loss + aux_loss(model) if use_aux else loss
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
@@ -155,9 +157,9 @@ def evaluate(model, task: ConflictTask, run: ArmRun) -> dict:
         if run.experts > 1:
             # A causal model routes position t the same in any prompt prefix longer than t, so the SEP
             # token's counts are (counts over the prompt) - (counts over the prompt without SEP).
-            full_LE = mole_ds.routing_counts_by_sample(model).sum(1)
+            full_LE = routing_counts_by_sample(model).sum(1)
             _forward_answer(model, task, run, d_M, x_MS, ids_ML[:, :-1])
-            prefix_LE = mole_ds.routing_counts_by_sample(model).sum(1)
+            prefix_LE = routing_counts_by_sample(model).sum(1)
             all_LDE.append(full_LE)
             sep_LDE.append(full_LE - prefix_LE)
     out = {"em": em, "loss": loss, "eval_size": int(task.eval_inputs_MS.shape[0])}

@@ -120,11 +120,12 @@ def run_sweep(cfg: ScalingConfig, runner=None, log=print) -> dict:
 
 
 def run_probe(world: int, args: dict, timeout: int = 900) -> dict:
-    """One probe launch (``mole_ds.train.sweep.run_point``) in the study's environment."""
+    """One probe launch (``mole_ds.train.sweep.run_point``) in the launch environment of every run
+    (``mole_ds.train.env.launch_env``: one thread per rank, offline, a per-interpreter op cache)."""
+    from ..train.env import launch_env
     from ..train.sweep import run_point
-    from .runs import study_env
 
-    return run_point(world, args, timeout=timeout, env=study_env())
+    return run_point(world, args, timeout=timeout, env=launch_env())
 
 
 def _probe_runner(timeout: int):

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import math
-import re
-import string
 
 # Two-sided 95% Student-t critical values t_{0.975, df} for df = 1..30; beyond that the normal 1.96.
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -29,18 +27,6 @@ def mean_ci(values: list[float]) -> tuple[float, float, int]:
         return m, math.nan, 1
     sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (n - 1))
     return m, t_critical(n - 1) * sd / math.sqrt(n), n
-
-
-_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
-
-
-def normalise_answer(text: str) -> str:
-    """Lower case, punctuation removed, whitespace collapsed, a leading article dropped (SQuAD-style)."""
-    t = _PUNCT.sub(" ", text.lower())
-    words = t.split()
-    if words and words[0] in ("a", "an", "the"):
-        words = words[1:]
-    return " ".join(words)
 
 
 def fmt_ci(mean: float, half: float, digits: int = 3) -> str:

@@ -33,7 +33,7 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from ..inference import exact_match_batch
+from ..inference.scoring import exact_match_batch
 from ..mole.collect import aux_loss
 from ..patching import mole_layers, set_sample_domains
 
@@ -106,10 +106,10 @@ def forward(engine, batch: dict, vision_sync=None):
 
 
 def exact_match_step(model, processor, batch: dict, max_new_tokens: int, vision_sync=None) -> list[bool]:
-    """Per-sample exact match of greedy answers on this rank's ``batch`` (``mole_ds.inference.exact_match_batch``),
-    called on every rank together: decoding is synced across ranks, and under ZeRO-3 ``vision_sync``
-    (``mole_ds.train.zero3.VisionSync``) keeps a text-only rank's parameter fetches in step with ranks that
-    have images."""
+    """Per-sample exact match of greedy answers on this rank's ``batch``
+    (``mole_ds.inference.scoring.exact_match_batch``), called on every rank together: decoding is synced
+    across ranks, and under ZeRO-3 ``vision_sync`` (``mole_ds.train.zero3.VisionSync``) keeps a text-only
+    rank's parameter fetches in step with ranks that have images."""
     if vision_sync is not None:
         pv = batch.get("pixel_values")
         vision_sync.before_generate(text_only=pv is None or pv.numel() == 0)

@@ -15,7 +15,7 @@ FLOORS = {
     1: ("config", "runtime", "mole", "data", "models", "answers", "routing_table", "demo"),
     2: ("parallel", "patching"),
     3: ("checkpoint", "export", "peft_export"),
-    4: ("train", "inference", "eval", "studies", "consolidate"),
+    4: ("train", "inference", "eval", "studies"),
 }
 
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from mole_ds.answers import normalise_answer
 from mole_ds.studies.scaling import ScalingConfig, finite_numbers, parse_field, plan, run_sweep
-from mole_ds.studies.stats import mean_ci, normalise_answer
+from mole_ds.studies.stats import mean_ci
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
@@ -89,6 +90,7 @@ def _run(cmd: list[str], log: Path, timeout: int = 600) -> subprocess.CompletedP
 
 
 @pytest.mark.slow
+@pytest.mark.dist  # real DeepSpeed probe launches (mole_ds.train.sweep.run_point)
 def test_scaling_study_tiny_sweep_and_resume(tmp_path):
     out = tmp_path / "sc"
     cmd = [sys.executable, str(ROOT / "tools/scaling_study.py"), "--world", "1", "--experts", "1", "2", "--ep", "1",

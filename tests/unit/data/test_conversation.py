@@ -13,7 +13,6 @@ from mole_ds.data.collate import SampleEncoder, collate, model_inputs
 from mole_ds.data.conversation import (
     IGNORE_INDEX,
     SYSTEM_PROMPT,
-    build_segments,
     conversation_problem,
     encode_conversation,
     render_prompt,
@@ -88,12 +87,6 @@ def test_image_first_matches_llava_processor(processor):
     spans = [processor.tokenizer.decode(x) for x in supervised_spans(s.input_ids, s.labels)]
     assert spans == [f" {IMAGE_FIRST[1]['value']}</s>"]
     assert all(l == IGNORE_INDEX for i, l in zip(s.input_ids, s.labels) if i == processor.image_token_id)
-
-
-def test_build_segments_kept_for_older_callers():
-    segs = build_segments(MULTI[:1] + [{"from": "gpt", "value": ""}])
-    assert segs == [(f"{SYSTEM_PROMPT} USER: {MULTI[0]['value']} ASSISTANT:", False), (" </s>", True)]
-    assert "".join(t for t, _ in build_segments(MULTI)) == render_prompt(MULTI)
 
 
 def test_truncation_rules(processor):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from mole_ds.studies.stats import normalise_answer
+from mole_ds.answers import answers_match
 
 HERE = Path(__file__).resolve().parent
 
@@ -40,4 +40,4 @@ def doc_to_choice(doc: dict) -> list[str]:
 
 def process_results(doc: dict, results: list[str]) -> dict:
     """Exact match after normalisation (lower case, punctuation and a leading article dropped)."""
-    return {"exact_match": float(normalise_answer(results[0]) == normalise_answer(doc_to_target(doc)))}
+    return {"exact_match": float(answers_match(results[0], doc_to_target(doc)))}
