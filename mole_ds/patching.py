@@ -78,16 +78,17 @@ def set_sample_domains(model: nn.Module, domain_ids_B) -> None:
         layer.sample_domains = domain_ids_B
 
 
-def _mask_hook(layers: list[MoLEMLP]):
+def _mask_hook():
     # Decoder MLPs never see the attention mask; hand it to them before the decoder stack runs, so pad
-    # tokens count neither in the balance loss nor in the routing statistics.
+    # tokens count neither in the balance loss nor in the routing statistics. The layers are looked up on the
+    # module the hook runs on, not captured: a deep copy of a patched model then feeds its own layers.
     def hook(module, args, kwargs):
         mask = kwargs.get("attention_mask")
         if mask is None and len(args) > 1:
             mask = args[1]
         if mask is not None and mask.dim() != 2:
             mask = None  # a custom 4D mask has no per-token padding to read; count every token
-        for layer in layers:
+        for layer in mole_layers(module):
             layer.token_mask = mask
     return hook
 
@@ -141,7 +142,7 @@ def patch_model(model: nn.Module, config: MoLEConfig, *, expert_offset: int = 0,
             p.requires_grad_(True)
         report.projector_trainable = True
 
-    lm.register_forward_pre_hook(_mask_hook(mole_layers(model)), with_kwargs=True)
+    lm.register_forward_pre_hook(_mask_hook(), with_kwargs=True)
     model.mole_config = config
     model.train(was_training)  # new modules (with dropout) take the mode of the model they joined
 

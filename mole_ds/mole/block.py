@@ -54,6 +54,9 @@ class MoLEMLP(nn.Module):
         self.sample_domains: torch.Tensor | None = None
         """(B,) domain id per sample of the next forward (set by ``mole_ds.set_sample_domains``; oracle routing)."""
         self.last_stats: RoutingStats | None = None
+        self.recomputing = False
+        """Set while activation checkpointing re-runs this layer's forward during backward: the routing
+        statistics of the real forward are kept (``mole_ds.parallel.activation_checkpoint``)."""
 
     def _mask_BS(self, B: int, S: int, device: torch.device) -> torch.Tensor:
         m = self.token_mask
@@ -80,7 +83,11 @@ class MoLEMLP(nn.Module):
         B, S = (shape[0], shape[1]) if len(shape) == 3 else (1, x_TD.shape[0])
 
         route = self.router.route(self.router(x_TD), self._domain_T(B, S))
-        self.last_stats = routing_stats(route.logits_TE, route.probs_TE, route.chosen_TK, self._mask_BS(B, S, x_TD.device))
+        # Computed in a recompute too (the aux loss's backward needs the tensors it saves), kept only from the
+        # real forward.
+        stats = routing_stats(route.logits_TE, route.probs_TE, route.chosen_TK, self._mask_BS(B, S, x_TD.device))
+        if not self.recomputing:
+            self.last_stats = stats
 
         d = self.dispatcher
         plan = d.plan(route.expert_idx_TJ, self.config.num_experts)

@@ -14,7 +14,10 @@ class CommStats:
 
     Bytes count only rows sent to *other* ranks (a rank's rows to itself never touch the network); calls count
     every row all-to-all (forward: dispatch + combine; backward: their gradients). ``meta_calls`` counts the
-    small all-to-alls of per-expert row counts that size the row all-to-alls.
+    small all-to-alls of per-expert row counts that size the row all-to-alls. Under activation checkpointing
+    the forward of a layer runs again during backward: while ``recomputing`` is set (by
+    ``mole_ds.parallel.activation_checkpoint``) its row all-to-alls count as ``recompute_*``, real traffic
+    reported on its own, so ``fwd_*`` stays one forward's worth.
     """
 
     fwd_bytes: int = 0
@@ -24,9 +27,17 @@ class CommStats:
     fwd_rows: int = 0
     """Rows sent to other ranks in forward row all-to-alls."""
     meta_calls: int = 0
+    recompute_bytes: int = 0
+    recompute_calls: int = 0
+    recomputing: bool = False
+    """Set while a checkpointed layer is being recomputed (not a counter: reset() leaves it)."""
+
+    COUNTERS = ("fwd_bytes", "bwd_bytes", "fwd_calls", "bwd_calls", "fwd_rows", "meta_calls", "recompute_bytes",
+                "recompute_calls")
 
     def reset(self) -> None:
-        self.fwd_bytes = self.bwd_bytes = self.fwd_calls = self.bwd_calls = self.fwd_rows = self.meta_calls = 0
+        for f in self.COUNTERS:
+            setattr(self, f, 0)
 
 
 def _remote(splits: list[int], me: int) -> int:
@@ -42,9 +53,13 @@ class _AllToAll(torch.autograd.Function):
         dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
         if stats is not None:
             row = math.prod(x.shape[1:]) * x.element_size()
-            stats.fwd_calls += 1
-            stats.fwd_rows += _remote(in_splits, me)
-            stats.fwd_bytes += _remote(in_splits, me) * row
+            if stats.recomputing:
+                stats.recompute_calls += 1
+                stats.recompute_bytes += _remote(in_splits, me) * row
+            else:
+                stats.fwd_calls += 1
+                stats.fwd_rows += _remote(in_splits, me)
+                stats.fwd_bytes += _remote(in_splits, me) * row
         return out
 
     @staticmethod

@@ -130,7 +130,8 @@ def _spans_nodes(group_size: int, strided: bool, w: Workload) -> bool:
     return True if strided else group_size > w.ranks_per_node
 
 
-def _time(calls: int, bytes_: float, link: Link, inter: bool) -> float:
+def collective_time(calls: int, bytes_: float, link: Link, inter: bool) -> float:
+    """calls x alpha + bytes / beta (the inter-node beta when ``inter`` and the link has one)."""
     if bytes_ <= 0:
         return calls * link.alpha_s
     beta = link.beta_inter_Bps if (inter and link.beta_inter_Bps) else link.beta_Bps
@@ -167,7 +168,7 @@ def placement_cost(w: Workload, ep_size: int, link: Link) -> PlacementCost:
     c.expert_grad_bytes_per_rank = total * b / edp
     c.expert_optim_bytes_per_rank = total * w.optim_bytes_per_param / edp
 
-    t_zero = _time(c.gather_calls, c.param_gather_bytes + c.grad_reduce_bytes, link, inter_edp)
+    t_zero = collective_time(c.gather_calls, c.param_gather_bytes + c.grad_reduce_bytes, link, inter_edp)
     t_a2a = 0.0
     if P > 1:
         rows = w.tokens_per_rank * w.rows_per_token * (P - 1) / P  # rows that leave this rank, per layer
@@ -177,7 +178,7 @@ def placement_cost(w: Workload, ep_size: int, link: Link) -> PlacementCost:
         c.a2a_bytes_bwd = m * w.layers * per_layer_fwd  # the gradients take the same routes back
         c.a2a_calls = m * w.layers * 5  # 2 forward + 2 backward row all-to-alls + 1 count exchange
         inter_ep = _spans_nodes(P, strided=False, w=w)
-        t_a2a = _time(c.a2a_calls, c.a2a_bytes_fwd + c.a2a_bytes_bwd, link, inter_ep)
+        t_a2a = collective_time(c.a2a_calls, c.a2a_bytes_fwd + c.a2a_bytes_bwd, link, inter_ep)
     c.comm_s = t_zero + t_a2a
     return c
 
@@ -186,10 +187,13 @@ def candidate_ep_sizes(num_experts: int, world_size: int) -> list[int]:
     return [p for p in range(1, world_size + 1) if world_size % p == 0 and num_experts % p == 0]
 
 
-def choose_ep_size(w: Workload, link: Link) -> tuple[int, list[PlacementCost]]:
-    """The placement with the least predicted expert communication time (ties: less memory per rank)."""
+def choose_ep_size(w: Workload, link: Link, allowed: list[int] | None = None) -> tuple[int, list[PlacementCost]]:
+    """The placement with the least predicted expert communication time (ties: less memory per rank), among
+    ``allowed`` ep_sizes when given (e.g. those whose memory fits: mole_ds.parallel.memory_model.fitting_ep_sizes;
+    none allowed: all are considered). ``costs`` lists every candidate either way."""
     costs = [placement_cost(w, p, link) for p in candidate_ep_sizes(w.num_experts, w.world_size)]
-    best = min(costs, key=lambda c: (round(c.comm_s, 9), c.expert_param_bytes_per_rank, c.ep_size))
+    pool = [c for c in costs if allowed is None or c.ep_size in allowed] or costs
+    best = min(pool, key=lambda c: (round(c.comm_s, 9), c.expert_param_bytes_per_rank, c.ep_size))
     return best.ep_size, costs
 
 
@@ -274,5 +278,5 @@ def bytes_per_row_layer(hidden: int, dtype_bytes: int) -> int:
     return 2 * hidden * dtype_bytes
 
 
-__all__ = ["Workload", "Link", "PlacementCost", "placement_cost", "choose_ep_size", "candidate_ep_sizes",
+__all__ = ["Workload", "Link", "PlacementCost", "placement_cost", "collective_time", "choose_ep_size", "candidate_ep_sizes",
            "format_table", "calibrate", "workload_from", "model_dims", "bytes_per_row_layer"]

@@ -47,7 +47,7 @@ def comm_stats(model: nn.Module, reset: bool = True) -> CommStats:
         s = getattr(mlp.dispatcher, "stats", None)
         if s is None:
             continue
-        for f in ("fwd_bytes", "bwd_bytes", "fwd_calls", "bwd_calls", "fwd_rows", "meta_calls"):
+        for f in CommStats.COUNTERS:
             setattr(total, f, getattr(total, f) + getattr(s, f))
         if reset:
             s.reset()
@@ -55,10 +55,11 @@ def comm_stats(model: nn.Module, reset: bool = True) -> CommStats:
 
 
 def all_to_all_bytes(model: nn.Module, reset: bool = True) -> dict[str, int]:
-    """Bytes this rank sent to *other* ranks through the expert all-to-alls since the last reset, forward and
-    backward separately: ``{"a2a_bytes_fwd": ..., "a2a_bytes_bwd": ...}`` (zeros without expert parallelism)."""
+    """Bytes this rank sent to *other* ranks through the expert all-to-alls since the last reset, forward,
+    backward and activation-checkpointing recompute separately: ``{"a2a_bytes_fwd": ..., "a2a_bytes_bwd": ...,
+    "a2a_bytes_recompute": ...}`` (zeros without expert parallelism; the last is 0 without checkpointing)."""
     s = comm_stats(model, reset)
-    return {"a2a_bytes_fwd": s.fwd_bytes, "a2a_bytes_bwd": s.bwd_bytes}
+    return {"a2a_bytes_fwd": s.fwd_bytes, "a2a_bytes_bwd": s.bwd_bytes, "a2a_bytes_recompute": s.recompute_bytes}
 
 
 __all__ = ["patch_model_expert_parallel", "apply_expert_parallel", "comm_stats", "all_to_all_bytes",

@@ -78,6 +78,17 @@ class TrainSection:
     with a time slot, resumed with checkpoint.resume auto."""
     lr: float = 2e-4
     """Peak learning rate (AdamW), reached after warmup_steps."""
+    projector_lr: float = 0.0
+    """Peak learning rate of the multimodal projector (LLaVA's --mm_projector_lr, e.g. 2e-5 beside a LoRA lr of
+    2e-4); 0 = lr. Needs mole.train_projector. Same warmup and cosine shape as lr."""
+    router_lr: float = 0.0
+    """Peak learning rate of the MoLE routers; 0 = lr. Same warmup and cosine shape as lr."""
+    gradient_checkpointing: bool = False
+    """Activation checkpointing of every decoder layer of the LLM: a layer keeps only its input through the
+    forward and runs again during backward (about 1/3 more compute; activation memory falls from ~34 x hidden
+    bytes per token and layer to ~2 x hidden plus one layer's working set). MoLE-aware: routing statistics,
+    aux loss and all-to-all byte counts come from the real forward; the recompute's all-to-all bytes are
+    reported as a2a_bytes_recompute."""
     warmup_steps: int = 10
     """Linear warmup from 0 to lr over this many steps."""
     min_lr_ratio: float = 0.1
@@ -304,6 +315,15 @@ def check_values(cfg: RunConfig) -> list[str]:
                  "nothing is downloaded")
     if cfg.model.dtype not in ("auto", "bf16", "fp32"):
         p.append(f"model.dtype ({cfg.model.dtype!r}) must be auto, bf16 or fp32")
+    for name in ("projector_lr", "router_lr"):
+        v = getattr(cfg.train, name)
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+            p.append(f"train.{name} ({v}) must be a finite number >= 0 (0 = train.lr)")
+    if cfg.train.projector_lr and not cfg.mole.train_projector and not cfg.model.train_base:
+        p.append(f"train.projector_lr ({cfg.train.projector_lr:g}) needs mole.train_projector (false): the projector "
+                 "is frozen")
+    if cfg.train.router_lr and cfg.model.train_base:
+        p.append(f"train.router_lr ({cfg.train.router_lr:g}): model.train_base (true) trains no routers")
     if cfg.train.warmup_steps > cfg.train.max_steps:
         p.append(f"train.warmup_steps ({cfg.train.warmup_steps}) must be <= train.max_steps ({cfg.train.max_steps})")
     return p

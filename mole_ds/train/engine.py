@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from ..parallel import EPContext, create_expert_groups, is_expert_param, patch_model_expert_parallel
+from ..parallel import (EPContext, apply_activation_checkpointing, create_expert_groups, is_expert_param,
+                        patch_model_expert_parallel)
 from ..parallel.deepspeed_compat import (check_deepspeed_version, coalesce_persistent_gathers, full_numel,
                                          is_persistent, local_numel, moe_marker, split_moe_param_groups)
 from ..config import MoLEConfig
@@ -60,21 +61,42 @@ class TrainSetup:
     """The precision resolved from the DeepSpeed config ('bf16' or 'fp32'; ``bf16.enabled: auto`` decided)."""
 
 
-def param_groups(model: torch.nn.Module, stage: int, ep_size: int, weight_decay: float) -> list[dict]:
-    """Trainable params in optimizer groups: LoRA experts in a group of their own ('experts', so that their
-    optimizer state can be measured apart), the rest split by weight decay. ZeRO-1/2 with expert parallelism
-    turns the expert group into DeepSpeed 'moe' groups (reduced over the expert-data-parallel group)."""
-    decay, no_decay, experts = [], [], []
+def param_groups(model: torch.nn.Module, stage: int, ep_size: int, weight_decay: float, lr: float,
+                 projector_lr: float = 0.0, router_lr: float = 0.0) -> list[dict]:
+    """Trainable params in optimizer groups, each with its peak ``lr``: LoRA experts in a group of their own
+    ('experts', so that their optimizer state can be measured apart), the rest split by weight decay; the
+    projector and the routers get groups of their own only when they get their own rate (``projector_lr`` /
+    ``router_lr`` > 0), so runs without them keep the optimizer layout of earlier checkpoints. ZeRO-1/2 with
+    expert parallelism turns the expert group into DeepSpeed 'moe' groups (reduced over the expert-data-parallel
+    group)."""
+    own = {"projector": projector_lr, "router": router_lr}
+    buckets: dict[str, list] = {}
+
+    def kind(name: str) -> str:
+        if is_expert_name(name):
+            return "experts"
+        if own["router"] > 0 and ".router." in name:
+            return "router"
+        if own["projector"] > 0 and "multi_modal_projector." in name:
+            return "projector"
+        return ""
+
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if is_expert_name(name):
-            experts.append(p)
-        else:
-            (no_decay if (p.ndim < 2 or name.endswith(".bias")) else decay).append(p)
-    groups = [g for g in ({"params": decay, "weight_decay": weight_decay, "name": "decay"},
-                          {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-                          {"params": experts, "weight_decay": weight_decay, "name": "experts"}) if g["params"]]
+        k = kind(name)
+        if k != "experts":
+            k = "_".join(filter(None, (k, "no_decay" if (p.ndim < 2 or name.endswith(".bias")) else "decay")))
+        buckets.setdefault(k, []).append(p)
+    order = ["decay", "no_decay", "experts", "projector_decay", "projector_no_decay", "router_decay",
+             "router_no_decay"]
+    groups = []
+    for name in order:
+        if buckets.get(name):
+            base = name.split("_")[0]
+            groups.append({"params": buckets[name], "name": name,
+                           "weight_decay": 0.0 if name.endswith("no_decay") else weight_decay,
+                           "lr": own.get(base) or lr})
     if stage in (1, 2) and ep_size > 1:
         groups = [g for g in split_moe_param_groups(groups) if g["params"]]
     return groups
@@ -134,8 +156,17 @@ def setup_training(cfg: RunConfig, ds: dict, total_steps: int | None = None,
     cast_unpartitioned(model, model_dtype(cfg.model, ds))  # the new MoLE tensors; partitioned ones already are
     if prepare_model is not None:  # e.g. tests forcing a routing, before DeepSpeed partitions anything
         prepare_model(model)
-    groups = param_groups(model, stage, mole.ep_size, cfg.train.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.999), eps=1e-8)
+    if cfg.train.gradient_checkpointing:
+        apply_activation_checkpointing(model)
+    t = cfg.train
+    groups = param_groups(model, stage, mole.ep_size, t.weight_decay, t.lr, t.projector_lr, t.router_lr)
+    if rank() == 0:
+        rates = sorted({(g["name"].split("_")[0] if g["name"] not in ("decay", "no_decay") else "base", g["lr"])
+                        for g in groups})
+        print("[mole_ds] learning rates (peak; warmup then cosine): "
+              + ", ".join(f"{k} {v:g}" for k, v in rates)
+              + f"; activation checkpointing {'on' if t.gradient_checkpointing else 'off'}", flush=True)
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.999), eps=1e-8)
     steps = total_steps or cfg.train.max_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(cfg.train.warmup_steps, steps, cfg.train.min_lr_ratio))
