@@ -29,7 +29,7 @@ def _pair(routing: str, top_k: int):
             if p.requires_grad and p.ndim > 0:
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)  # B = 0 at init: make every path live
     ckpt = copy.deepcopy(plain)
-    assert apply_activation_checkpointing(ckpt) == len(mole_layers(ckpt))
+    assert apply_activation_checkpointing(ckpt) == len(mole_layers(ckpt))  # one MoLE MLP per decoder layer
     return plain.train(), ckpt.train()
 
 
@@ -84,3 +84,19 @@ def test_router_gets_gradient_only_where_the_mode_gives_it():
         assert router and all(ga[n].abs().sum() > 0 for n in router)
         for n in router:
             torch.testing.assert_close(gb[n], ga[n], rtol=1e-5, atol=1e-6)
+
+
+def test_full_training_of_an_unpatched_base_checkpoints_too():
+    """model.train_base trains the LLM itself (no MoLE layers): checkpointing applies and changes nothing."""
+    plain = build_tiny_llava(seed=0).train()
+    ckpt = copy.deepcopy(plain)
+    assert apply_activation_checkpointing(ckpt) == plain.config.text_config.num_hidden_layers
+    inputs = llava_inputs(plain)
+    grads = []
+    for model in (plain, ckpt):
+        torch.manual_seed(0)
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6, msg=n)

@@ -264,3 +264,38 @@ def test_metrics_are_truncated_after_the_resumed_step(tmp_path):
     m.close()
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]
+
+
+def test_learning_rate_groups_and_checkpointing_are_checked_before_start(tmp_path):
+    shards = _shards(tmp_path)
+    with pytest.raises(ValueError) as err:
+        _prep(tmp_path, 2, "--data.train", shards, "--train.projector_lr", "2e-5", "--train.router_lr", "-1")
+    msg = str(err.value)
+    assert "train.projector_lr (2e-05) needs mole.train_projector (false): the projector is frozen" in msg
+    assert "train.router_lr (-1.0) must be a finite number >= 0 (0 = train.lr)" in msg
+    cfg, _ = _prep(tmp_path, 2, "--data.train", shards, "--train.projector_lr", "2e-5", "--mole.train_projector",
+                   "true", "--train.gradient_checkpointing", "true")
+    assert cfg.train.projector_lr == 2e-5 and cfg.train.gradient_checkpointing is True
+
+
+def test_param_groups_give_projector_and_router_their_own_rates():
+    from mole_ds import MoLEConfig, patch_model
+    from mole_ds.models.tiny import build_tiny_llava
+    from mole_ds.train.engine import param_groups
+
+    model = build_tiny_llava(seed=0)
+    patch_model(model, MoLEConfig(num_experts=2, rank=2, train_projector=True))
+    same = param_groups(model, 3, 1, 0.1, 2e-4)
+    assert [g["name"] for g in same] == ["decay", "no_decay", "experts"]  # the layout of earlier checkpoints
+    assert {g["lr"] for g in same} == {2e-4}
+    own = param_groups(model, 3, 1, 0.1, 2e-4, projector_lr=2e-5, router_lr=1e-3)
+    lrs = {g["name"]: g["lr"] for g in own}
+    # no "no_decay" group left: the only 1-D tensors (biases) are the projector's and the routers'
+    assert lrs == {"decay": 2e-4, "experts": 2e-4, "projector_decay": 2e-5,
+                   "projector_no_decay": 2e-5, "router_decay": 1e-3, "router_no_decay": 1e-3}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for g in own:
+        kinds = {("projector" if "multi_modal_projector" in names[id(p)] else "router" if ".router." in names[id(p)]
+                  else "experts" if ".experts." in names[id(p)] else "base") for p in g["params"]}
+        assert kinds == {g["name"].split("_")[0] if g["name"] not in ("decay", "no_decay") else "base"}
+    assert sum(len(g["params"]) for g in own) == sum(len(g["params"]) for g in same)
