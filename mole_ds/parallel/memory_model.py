@@ -76,6 +76,7 @@ Step time per micro-step and rank (``plan_time``), FLOPs counted per token:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -128,10 +129,13 @@ PRESETS: dict[str, Device] = {
     "a100-nvlink-ib": Device("a100-nvlink-ib", "cuda", 312e12, 0.40, 80 * GiB, int(1.5 * GiB), 1.10,
                              "a100_nvlink_ib200", 8,
                              "A100 SXM4 80GB datasheet (312 TFLOP/s dense bf16); NVLink 3 + 200 Gb/s IB per GPU"),
-    # This machine: 2 CPU ranks over gloo, 1 thread each. FLOP/s: measured bf16 matmuls of the stand-ins' shapes
-    # (tools/bench_plan.py); runtime: resident set after imports + gloo group (docs/loading.md: ~252 MiB).
-    "cpu-gloo-here": Device("cpu-gloo-here", "cpu", 60e9, 1.0, None, 252 * MiB, 1.0, "pcie_eth100", 0,
-                            "measured on this 2-core VM (tools/bench_plan.py); link: calibrate() figures differ"),
+    # This machine: 2 CPU ranks over gloo, 1 thread each (tools/bench_plan.py, docs/scaling.md). FLOP/s: a bf16
+    # matmul at the stand-ins' MLP shape, 1 thread (208 GFLOP/s); MFU 0.33: measured step / predicted at MFU 1 on
+    # the 254M stand-in (the 457M one then predicts within 6%). Runtime: resident set after imports + gloo
+    # (385 MiB) + the stack's own memory above it in a step of the tiny model (246 MiB). No allocator factor: glibc's
+    # retained heap is not a constant factor (docs/scaling.md).
+    "cpu-gloo-here": Device("cpu-gloo-here", "cpu", 208e9, 0.33, None, 631 * MiB, 1.0, "pcie_eth100", 0,
+                            "measured on this 2-core VM (tools/bench_plan.py); link figures: use calibrate()"),
 }
 
 
@@ -622,6 +626,34 @@ def fitting_ep_sizes(c: Census, s: Setup, dev: Device, budget: float | None) -> 
     return [p for p in cands if plan_memory(c, _with(s, ep_size=p), dev).peak <= budget]
 
 
+def live_device() -> Device | None:
+    """This process's GPU as a planner device (its total memory; H100 figures for the rest), or None without
+    CUDA: on CPU there is no memory budget."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return dataclasses.replace(PRESETS["h100-nvlink-ib"], name=f"this GPU ({props.name})",
+                               memory_bytes=int(props.total_memory), source="torch.cuda.get_device_properties")
+
+
+def ep_sizes_that_fit(model_config, mole: MoLEConfig, ds: dict, world_size: int, seq_len: int,
+                      checkpointing: bool = False) -> list[int] | None:
+    """For ``mole.ep_size: auto``: the ep_size candidates whose predicted peak fits this GPU's memory, or None
+    when there is no budget to check (no CUDA: the choice is left to the cost model alone, as before). ``ds``
+    has bf16 resolved. A model whose config cannot be rebuilt on the meta device is not filtered (None)."""
+    dev = live_device()
+    if dev is None:
+        return None
+    try:
+        c = census(model_config, dataclasses.replace(mole, ep_size=1))
+    except (TypeError, ValueError, AttributeError):
+        return None
+    s = setup_from(ds, c.mole, world_size, seq_len, checkpointing=checkpointing)
+    return fitting_ep_sizes(c, s, dev, dev.memory_bytes)
+
+
 def parse_bytes(text: str) -> int:
     """'80GiB', '80GB', '512MiB', '1.5e9' -> bytes."""
     t = text.strip().replace(" ", "")
@@ -642,4 +674,4 @@ def parse_bytes(text: str) -> int:
 
 __all__ = ["Device", "PRESETS", "preset", "Census", "census", "meta_model", "Setup", "setup_from", "problems",
            "Memory", "plan_memory", "layer_activation_bytes", "Time", "plan_time", "Verdict", "verdict",
-           "per_sample_bytes", "fitting_ep_sizes", "parse_bytes", "GiB", "MiB"]
+           "per_sample_bytes", "fitting_ep_sizes", "live_device", "ep_sizes_that_fit", "parse_bytes", "GiB", "MiB"]

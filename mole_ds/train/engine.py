@@ -119,7 +119,13 @@ def resolve_auto_ep_size(cfg: RunConfig, ds: dict, model) -> int:
         return 1
     link = cm.calibrate()
     w = cm.workload_from(cm.model_dims(model), cfg.mole, ds, world, seq_len=cfg.data.max_length)
-    chosen, costs = cm.choose_ep_size(w, link)
+    from ..parallel.memory_model import ep_sizes_that_fit
+
+    # Placements whose predicted peak exceeds this GPU's memory are skipped; None (no GPU budget, e.g. on CPU)
+    # leaves the choice to the cost model alone.
+    fits = ep_sizes_that_fit(model.config, cfg.mole, ds, world, cfg.data.max_length,
+                             checkpointing=cfg.train.gradient_checkpointing)
+    chosen, costs = cm.choose_ep_size(w, link, allowed=fits)
     if rank() == 0:
         print("[mole_ds] mole.ep_size auto (tokens per rank from data.max_length):\n"
               + cm.format_table(w, costs, chosen, link), flush=True)
