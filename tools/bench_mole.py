@@ -11,41 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import torch
-from transformers.models.llama.modeling_llama import LlamaMLP
 
-from mole_ds import MoLEConfig, MoLEMLP
+from mole_ds import MoLEConfig
+from mole_ds.mole.bench import device_sync, fwd_bwd, llama_mlp, mole_mlp, plain_lora_mlp, time_pair
 from mole_ds.mole.dispatch import megablocks_available
-from mole_ds.mole.lora import LoRALinear
-from mole_ds.models.tiny import tiny_llama_config
-
-
-def _time_pair(fn_a, fn_b, warmup: int, reps: int, sync) -> tuple[float, float]:
-    """Median times of a and b, measured alternately so that both see the same machine load."""
-    for _ in range(warmup):
-        fn_a()
-        fn_b()
-    ta, tb = [], []
-    for _ in range(reps):
-        for fn, acc in ((fn_a, ta), (fn_b, tb)):
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            acc.append(time.perf_counter() - t0)
-    return statistics.median(ta), statistics.median(tb)
-
-
-def _step(module, x, grad):
-    def run():
-        module.zero_grad(set_to_none=True)
-        xi = x.detach().requires_grad_(True)
-        module(xi).backward(grad)
-    return run
 
 
 def main(argv=None) -> int:
@@ -66,20 +38,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync = device_sync(dev)
     backends = args.backends or (["torch", "loop"] + (["megablocks"] if megablocks_available()[0] else []))
     torch.manual_seed(0)
-    cfg_llama = tiny_llama_config(hidden_size=args.hidden, intermediate_size=args.intermediate)
-    base = LlamaMLP(cfg_llama).to(dev, dtype).requires_grad_(False)
+    base = llama_mlp(args.hidden, args.intermediate, dev, dtype)
     x = torch.randn(1, args.tokens, args.hidden, device=dev, dtype=dtype)
     grad = torch.randn_like(x)
-
-    plain = LlamaMLP(cfg_llama).to(dev, dtype)
-    plain.load_state_dict(base.state_dict())
-    plain.requires_grad_(False)
-    for name in ("gate_proj", "up_proj", "down_proj"):
-        setattr(plain, name, LoRALinear(getattr(plain, name), args.rank, 2.0 * args.rank, 0.0))
-    plain_step = _step(plain, x, grad)
+    plain_step = fwd_bwd(plain_lora_mlp(base, args.rank), x, grad)
 
     rows = []
     print(f"device={dev} dtype={args.dtype} tokens={args.tokens} hidden={args.hidden} "
@@ -91,14 +56,7 @@ def main(argv=None) -> int:
         for b in backends:
             cfg = MoLEConfig(num_experts=E, top_k=min(args.top_k, E), rank=args.rank, alpha=2.0 * args.rank,
                              dropout=0.0, routing=args.routing, backend=b)
-            mole = MoLEMLP(LlamaMLP(cfg_llama).to(dev, dtype), cfg)
-            mole.load_state_dict(base.state_dict(), strict=False)
-            for p in (mole.gate_proj, mole.up_proj, mole.down_proj):
-                p.requires_grad_(False)
-            with torch.no_grad():
-                for p in mole.experts.parameters():
-                    p.normal_(0, 0.02)  # non-zero B: real work in every expert
-            t, t_plain = _time_pair(_step(mole, x, grad), plain_step, args.warmup, args.reps, sync)
+            t, t_plain = time_pair(fwd_bwd(mole_mlp(base, cfg), x, grad), plain_step, args.warmup, args.reps, sync)
             rows.append({"backend": b, "experts": E, "mole_ms": 1e3 * t, "plain_lora_ms": 1e3 * t_plain,
                          "ratio": t / t_plain})
             print(f"{b:<10} {E:>7} {1e3 * t:>10.1f} {1e3 * t_plain:>10.1f} {t / t_plain:>7.2f}", flush=True)
