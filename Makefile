@@ -13,7 +13,7 @@ export DS_ACCELERATOR ?= cpu
 # machine from rebuilding it over each other (and from waiting on each other's build lock).
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: install test test-unit test-dist demo demo-data bench clean
+.PHONY: install test test-fast test-unit test-dist demo demo-data bench clean
 
 $(BIN)/.installed: setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,14 +27,26 @@ $(BIN)/.installed: setup.py
 
 install: $(BIN)/.installed
 
+# Test tiers by marker (pytest.ini, tests/conftest.py): `dist` starts ranks (everything in tests/dist/ and the few
+# rank-starting tests elsewhere), `gpu` needs CUDA. PYTEST_ARGS adds options, e.g. PYTEST_ARGS="--durations=20".
+PYTEST := $(BIN)/python -m pytest -q
+PYTEST_ARGS ?=
+
+# The whole suite: what CI runs (.ci/run).
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(PYTEST) tests $(PYTEST_ARGS)
 
+# The edit loop: no ranks, no GPU (under 3 minutes on a 2-core machine).
+test-fast: install
+	$(PYTEST) -m "not dist and not gpu" tests $(PYTEST_ARGS)
+
+# Everything that starts no ranks (the gpu tests skip without CUDA).
 test-unit: install
-	$(BIN)/python -m pytest -q tests/unit
+	$(PYTEST) -m "not dist" tests $(PYTEST_ARGS)
 
+# Everything that starts ranks.
 test-dist: install
-	$(BIN)/python -m pytest -q tests/dist
+	$(PYTEST) -m dist tests $(PYTEST_ARGS)
 
 demo-data: install
 	$(BIN)/python tools/make_demo_data.py --out demo_data

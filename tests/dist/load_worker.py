@@ -2,6 +2,7 @@
 
 Writes to --out: gathered.safetensors (rank 0: every parameter gathered back whole, by name) and
 rank{r}.json (elements of each parameter this rank holds, and whether any parameter was left whole).
+--model, --dtype and --out may be repeated: one launch loads each (model, dtype) in turn into its own --out.
 """
 from __future__ import annotations
 
@@ -20,19 +21,26 @@ from mole_ds.train.model_loading import load_partitioned
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--local_rank", type=int, default=0)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--model", action="append", required=True)
+    ap.add_argument("--dtype", action="append", choices=("bf16", "fp32"))
+    ap.add_argument("--out", action="append", required=True)
     args = ap.parse_args()
+    dtypes = args.dtype or ["bf16"] * len(args.model)
+    if not len(args.model) == len(dtypes) == len(args.out):
+        ap.error("give --model, --dtype and --out the same number of times")
 
     deepspeed.init_distributed(dist_backend="gloo")
+    for model_dir, dtype, out in zip(args.model, dtypes, args.out):
+        load_one(model_dir, dtype, Path(out))
+
+
+def load_one(model_dir: str, dtype: str, out: Path) -> None:
     rank = dist.get_rank()
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    bf16 = args.dtype == "bf16"
+    bf16 = dtype == "bf16"
     ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
           "zero_optimization": {"stage": 3}, "bf16": {"enabled": bf16}}
-    model = load_partitioned(args.model, ds, torch.bfloat16 if bf16 else torch.float32)
+    model = load_partitioned(model_dir, ds, torch.bfloat16 if bf16 else torch.float32)
 
     held, whole = {}, []
     gathered = {}

@@ -6,9 +6,6 @@ a single-process ep_size-1 run is the reference the sharded runs must reproduce.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,46 +13,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.support import WORKER, launch, reference, worker_losses
+
 pytestmark = pytest.mark.dist
-
-WORKER = Path(__file__).with_name("worker.py")
-DEEPSPEED = Path(sys.executable).with_name("deepspeed")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(nprocs: int, out: Path, *args: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    cmd = [str(DEEPSPEED), "--num_gpus", str(nprocs), "--master_port", str(_free_port()), str(WORKER),
-           "--out", str(out), *args]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    log = out.parent / f"{out.name}.log"
-    log.write_text(res.stdout + res.stderr)
-    if expect_ok and res.returncode != 0:
-        errors = [ln for ln in (res.stdout + res.stderr).splitlines() if "Error" in ln and "File " not in ln]
-        pytest.fail(f"launch failed ({res.returncode}): {' '.join(cmd)}\nfull log: {log}\n"
-                    + "\n".join(errors[:20]) + "\n--- tail ---\n" + (res.stdout + res.stderr)[-3000:])
-    return res
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """All launches of this module, once (each DeepSpeed start costs seconds per rank)."""
-    # MOLE_TEST_REUSE=<dir> keeps the launches there and reuses finished ones (for iterating on the asserts).
-    reuse = os.environ.get("MOLE_TEST_REUSE")
-    root = Path(reuse) if reuse else tmp_path_factory.mktemp("ep")
+def runs(worker_run):
+    """All launches of this module, once (tests/dist/conftest.py's worker_run: the session's runs of the same
+    configuration are shared with test_elastic and test_consolidate)."""
     r = {}
 
     def go(name, n, *args):
-        r[name] = root / name
-        if reuse and (r[name] / "final.safetensors").is_file():
-            return
-        launch(n, r[name], *args)
+        r[name] = worker_run(n, *args)
 
     # Every run takes 4 optimizer steps on the same global batches.
     go("ref", 1, "--stage", "0", "--ep", "1")
@@ -64,7 +34,8 @@ def runs(tmp_path_factory):
     # DeepSpeed's default persistence thresholds, as shipped: every tensor of this model is persistent.
     go("z3_w2_ep2", 2, "--stage", "3", "--ep", "2", "--save-at", "2", "--persist")
     go("z2_w2_ep2", 2, "--stage", "2", "--ep", "2", "--save-at", "2")
-    go("z3_w2_dp", 2, "--stage", "3", "--ep", "1")
+    # Its step-2 checkpoint is also one of test_consolidate's layouts (a checkpoint does not change the run).
+    go("z3_w2_dp", 2, "--stage", "3", "--ep", "1", "--save-at", "2")
     go("ref_forced", 1, "--stage", "0", "--ep", "1", "--routing", "sparse", "--force-expert", "3")
     go("z3_w2_ep2_forced", 2, "--stage", "3", "--ep", "2", "--routing", "sparse", "--force-expert", "3")
     go("ref_top2", 1, "--stage", "0", "--ep", "1", "--top-k", "2")
@@ -75,10 +46,6 @@ def runs(tmp_path_factory):
         go(f"{name}_resumed", 2, "--stage", stage, "--ep", "2", "--resume", str(r[f"{name}_ckpt"]),
            *(["--persist"] if stage == "3" else []))
     return r
-
-
-def _losses(d: Path) -> dict:
-    return json.loads((d / "losses.json").read_text())
 
 
 def _assert_same_state(a: Path, b: Path, atol: float) -> None:
@@ -93,7 +60,7 @@ def _assert_same_state(a: Path, b: Path, atol: float) -> None:
                                       ("z2_w2_ep2", "ref"), ("z3_w2_dp", "ref"), ("z3_w2_ep2_top2", "ref_top2")])
 def test_sharded_run_equals_single_process(runs, name, ref):
     ref_d = runs[ref]
-    ref, got = _losses(ref_d), _losses(runs[name])
+    ref, got = worker_losses(ref_d), worker_losses(runs[name])
     assert len(got["losses"]) == 4
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=0, atol=1e-5)
     # 1e-4 is 1% of one Adam step at lr 1e-2: Adam divides by sqrt(v), so an element whose gradient is near zero
@@ -106,13 +73,13 @@ def test_sharded_run_equals_single_process(runs, name, ref):
 
 
 def test_tokens_cross_ranks_in_weighted_run(runs):
-    counts = torch.tensor(_losses(runs["z3_w4_ep2"])["counts"])  # (layers, E) over all ranks
+    counts = torch.tensor(worker_losses(runs["z3_w4_ep2"])["counts"])  # (layers, E) over all ranks
     # Experts 0-1 live on ep rank 0, 2-3 on ep rank 1: both halves receive tokens from every rank's batch.
     assert counts[:, :2].sum() > 0 and counts[:, 2:].sum() > 0
 
 
 def test_all_tokens_forced_onto_one_expert(runs):
-    ref, got = _losses(runs["ref_forced"]), _losses(runs["z3_w2_ep2_forced"])
+    ref, got = worker_losses(runs["ref_forced"]), worker_losses(runs["z3_w2_ep2_forced"])
     counts = torch.tensor(got["counts"])
     assert counts[:, 3].sum() == counts.sum() > 0  # every token went to expert 3 (owned by ep rank 1)
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=0, atol=1e-5)
@@ -168,7 +135,7 @@ def test_link_calibration_is_sane_and_shared(runs, name, world):
 def test_resume_equals_uninterrupted(runs, name):
     # ZeRO-2 needs each rank's experts restored from the checkpoint's consolidated file (DeepSpeed writes the
     # module weights from rank 0 only): this test fails without that.
-    a, b = _losses(runs[name]), _losses(runs[f"{name}_resumed"])
+    a, b = worker_losses(runs[name]), worker_losses(runs[f"{name}_resumed"])
     assert b["start"] == 2 and len(b["losses"]) == 2
     torch.testing.assert_close(torch.tensor(b["losses"]), torch.tensor(a["losses"][2:]), rtol=0, atol=1e-6)
     _assert_same_state(runs[name], runs[f"{name}_resumed"], atol=1e-6)
@@ -243,7 +210,6 @@ def test_each_token_equals_base_plus_its_own_expert(runs):
     from transformers import LlavaForConditionalGeneration
 
     import mole_ds
-    from tests.unit.test_mole_reference import reference
 
     d = runs["z3_w4_ep2"]
     base = LlavaForConditionalGeneration.from_pretrained(d / "base_model").eval()

@@ -24,8 +24,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.dist.test_expert_parallel import _free_port
-from tests.dist.test_launcher import ENV, PY, ROOT, _train_losses, run, train_cmd
+from tests.support import ENV, PY, ROOT, free_port, run, train_cmd, train_losses
 
 pytestmark = pytest.mark.dist
 
@@ -89,7 +88,7 @@ def test_kill9_one_rank_under_the_launcher_ends_every_process(demo):
 def _start_ranks_directly(demo, name: str, *overrides: str) -> tuple[list[subprocess.Popen], list]:
     """Two ranks of launchers/train.py started as torchrun or srun would (env vars, no launcher watching them),
     each logging to ``<name>_rank<r>.log``; returns (processes, open log files)."""
-    port = str(_free_port())
+    port = str(free_port())
     base = [str(PY), str(ROOT / "launchers/train.py")] + train_cmd(
         demo["data"], demo["root"] / name, "--train.max_steps", "100000", "--checkpoint.every", "0", *overrides)[6:]
     procs, logs = [], []
@@ -187,12 +186,12 @@ def test_damaged_newest_checkpoint_falls_back_and_steps_stay_unique(demo):
     res = run(train_cmd(demo["data"], work, "--train.max_steps", "6", "--checkpoint.resume", "auto"),
               demo["root"] / "damaged.log")
     text = res.stdout + res.stderr
-    assert f"not resuming from {tag6}" in text and optim[0].name in text and "truncated" in text
+    assert f"not using checkpoint {tag6}" in text and optim[0].name in text and "truncated" in text
     assert "at step 3" in res.stdout
     recs = [json.loads(ln) for ln in (work / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in recs if r["kind"] == "train"]
     assert steps == sorted(set(steps)) == [1, 2, 3, 4, 5, 6]
-    full, again = _train_losses(demo["full"]), _train_losses(work)
+    full, again = train_losses(demo["full"]), train_losses(work)
     for step in (4, 5, 6):
         assert again[step] == pytest.approx(full[step], abs=1e-5), step
 

@@ -6,47 +6,15 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.dist.test_expert_parallel import _free_port
+from tests.support import ENV, PY, ROOT, run, train_cmd, train_losses
 
 pytestmark = pytest.mark.dist
-
-ROOT = Path(__file__).resolve().parents[2]
-PY = Path(sys.executable)
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
-       "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-
-
-def train_cmd(data: Path, out: Path, *overrides: str) -> list[str]:
-    return [str(PY.with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(_free_port()),
-            str(ROOT / "launchers/train.py"), "--deepspeed", str(ROOT / "ds_configs/zero3_ep.json"),
-            "--config", str(ROOT / "launchers/configs/demo.yaml"),
-            "--data.train", str(data / "shards/train/manifest.json"), "--data.eval", str(data / "shards/eval/manifest.json"),
-            "--data.num_workers", "1", "--train.output_dir", str(out), "--train.warmup_steps", "2",
-            "--train.log_every", "1", "--train.eval_every", "3", "--checkpoint.every", "3",
-            "--train.eval_exact_match_tokens", "8", *overrides]
-
-
-def run(cmd: list[str], log: Path) -> subprocess.CompletedProcess:
-    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900, cwd=ROOT)
-    log.write_text(res.stdout + res.stderr)
-    if res.returncode != 0:
-        errors = [ln for ln in (res.stdout + res.stderr).splitlines() if "Error" in ln and "File " not in ln]
-        pytest.fail(f"command failed ({res.returncode}), log {log}:\n" + "\n".join(errors[:20])
-                    + "\n--- tail ---\n" + (res.stdout + res.stderr)[-3000:])
-    return res
-
-
-def _train_losses(out: Path) -> dict[int, float]:
-    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
 
 
 def test_run_writes_everything_a_person_reads(demo):
@@ -80,7 +48,7 @@ def test_run_writes_everything_a_person_reads(demo):
 
 def test_resume_auto_continues_exactly(demo):
     assert "resumed from" in demo["resumed_out"] and "at step 3" in demo["resumed_out"]
-    full, part = _train_losses(demo["full"]), _train_losses(demo["part"])
+    full, part = train_losses(demo["full"]), train_losses(demo["part"])
     for step in (4, 5, 6):  # same batches (data position restored) and same weights/optimizer/scheduler
         assert part[step] == pytest.approx(full[step], abs=1e-5), step
     a = load_file(str(demo["full"] / "checkpoints/step00000006/mole.safetensors"))

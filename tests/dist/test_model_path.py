@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.dist.test_expert_parallel import _free_port
-from tests.dist.test_launcher import ENV, PY, ROOT, run
+from tests.support import DEEPSPEED, DEMO_CONFIG, DS_CONFIG, PY, ROOT, free_port, make_demo_data, run, run_ranks
 
 pytestmark = pytest.mark.dist
 
@@ -119,20 +117,26 @@ def test_missing_safetensors_is_named(tmp_path):
 
 # --- partitioned loading on 2 ranks vs from_pretrained ----------------------------------------------------
 
-def _load(model_dir: Path, dtype: str, out: Path) -> Path:
-    cmd = [str(PY.with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(_free_port()), str(WORKER),
-           "--model", str(model_dir), "--dtype", dtype, "--out", str(out)]
-    run(cmd, out.parent / f"{out.name}.log")
-    return out
+LOADS = [("llava_bf16", "bf16"), ("llava_bf16", "fp32"), ("llama_tied", "bf16")]
 
 
-@pytest.mark.parametrize("name,dtype", [("llava_bf16", "bf16"), ("llava_bf16", "fp32"), ("llama_tied", "bf16")])
-def test_partitioned_load_equals_from_pretrained(models, tmp_path, name, dtype):
+@pytest.fixture(scope="module")
+def loaded(models, tmp_path_factory):
+    """One 2-rank launch of load_worker.py that loads each of LOADS in turn: {(name, dtype): its --out}."""
+    root = tmp_path_factory.mktemp("partitioned_load")
+    outs = {job: root / f"{job[0]}_{job[1]}" for job in LOADS}
+    args = [a for (name, dtype), out in outs.items() for a in ("--model", models / name, "--dtype", dtype, "--out", out)]
+    run_ranks(2, [WORKER, *args], root / "load.log")
+    return outs
+
+
+@pytest.mark.parametrize("name,dtype", LOADS)
+def test_partitioned_load_equals_from_pretrained(models, loaded, name, dtype):
     from transformers import AutoConfig
 
     from mole_ds.train.model_loading import _model_class
 
-    out = _load(models / name, dtype, tmp_path / "load")
+    out = loaded[(name, dtype)]
     tdtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     cfg = AutoConfig.from_pretrained(models / name)
     ref = _model_class(cfg).from_pretrained(models / name, dtype=tdtype)
@@ -159,13 +163,10 @@ def test_partitioned_load_equals_from_pretrained(models, tmp_path, name, dtype):
 @pytest.fixture(scope="module")
 def trained(models, tmp_path_factory):
     root = tmp_path_factory.mktemp("model_path_run")
-    data = root / "data"
-    subprocess.run([str(PY), str(ROOT / "tools/make_demo_data.py"), "--out", str(data), "--train-per-domain", "8",
-                    "--eval-per-domain", "4", "--max-samples", "8"], env=ENV, check=True, capture_output=True, cwd=ROOT)
+    data = make_demo_data(root / "data", train_per_domain=8, eval_per_domain=4, max_samples=8)
     out = root / "run"
-    cmd = [str(PY.with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(_free_port()),
-           str(ROOT / "launchers/train.py"), "--deepspeed", str(ROOT / "ds_configs/zero3_ep.json"),
-           "--config", str(ROOT / "launchers/configs/demo.yaml"),
+    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()),
+           str(ROOT / "launchers/train.py"), "--deepspeed", str(DS_CONFIG), "--config", str(DEMO_CONFIG),
            "--model.path", str(models / "llava_bf16"), "--data.chat_format", "template",
            "--data.train", str(data / "shards/train/manifest.json"),
            "--data.eval", str(data / "shards/eval/manifest.json"), "--data.num_workers", "0",

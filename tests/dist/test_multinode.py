@@ -9,24 +9,19 @@ and the deepspeed runner with a hostfile and --no_ssh --node_rank 0/1 (as docs/m
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.dist.test_expert_parallel import _free_port
+from tests.support import DEEPSPEED, DEMO_CONFIG, DS_CONFIG, ROOT, TORCHRUN, child_env, free_port, make_demo_data, \
+    train_losses
 
 pytestmark = pytest.mark.dist
 
-ROOT = Path(__file__).resolve().parents[2]
-PY = Path(sys.executable)
-TORCHRUN = PY.with_name("torchrun")
 DATA_WORKER = Path(__file__).with_name("multinode_data_worker.py")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
-       "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
-       "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(ROOT)}
+# The "nodes" meet over the loopback interface; torchrun starts the scripts without the repository on sys.path.
+ENV = child_env(GLOO_SOCKET_IFNAME="lo", PYTHONPATH=str(ROOT))
 STEPS = 4
 
 
@@ -38,7 +33,7 @@ def _fail(what: str, logs: list[Path], rc) -> None:
 def two_nodes(script: list[str], root: Path, name: str, launcher: str = "torchrun") -> None:
     """Start node 0 and node 1 (one process each) as two launcher invocations that meet at one address:
     ``torchrun``, or ``deepspeed`` with a two-host hostfile and ``--no_ssh --node_rank``."""
-    port = _free_port()
+    port = free_port()
     hostfile = root / "hostfile"
     if launcher == "deepspeed":
         hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
@@ -49,7 +44,7 @@ def two_nodes(script: list[str], root: Path, name: str, launcher: str = "torchru
             cmd = [str(TORCHRUN), "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
                    "--master_addr", "127.0.0.1", "--master_port", str(port), *script]
         else:
-            cmd = [str(PY.with_name("deepspeed")), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
+            cmd = [str(DEEPSPEED), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
                    "--master_addr", "127.0.0.1", "--master_port", str(port), *script]
         procs.append(subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT))
         logs.append(log)
@@ -59,8 +54,7 @@ def two_nodes(script: list[str], root: Path, name: str, launcher: str = "torchru
 
 
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return [str(ROOT / "launchers/train.py"), "--deepspeed", str(ROOT / "ds_configs/zero3_ep.json"),
-            "--config", str(ROOT / "launchers/configs/demo.yaml"),
+    return [str(ROOT / "launchers/train.py"), "--deepspeed", str(DS_CONFIG), "--config", str(DEMO_CONFIG),
             "--data.train", str(data / "shards/train/manifest.json"), "--data.eval", "[]",
             "--data.num_workers", "0", "--train.output_dir", str(out), "--train.max_steps", str(STEPS),
             "--train.warmup_steps", "1", "--train.log_every", "1", "--train.eval_every", "0",
@@ -70,13 +64,10 @@ def train_args(data: Path, out: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("multinode")
-    data = root / "data"
-    subprocess.run([str(PY), str(ROOT / "tools/make_demo_data.py"), "--out", str(data), "--train-per-domain", "8",
-                    "--eval-per-domain", "2", "--max-samples", "4"], env=ENV, check=True, capture_output=True,
-                   cwd=ROOT)
+    data = make_demo_data(root / "data", train_per_domain=8, eval_per_domain=2, max_samples=4)
     single = root / "single"
     log = root / "single.log"
-    res = subprocess.run([str(PY.with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(_free_port()),
+    res = subprocess.run([str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()),
                           *train_args(data, single)], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=900)
     log.write_text(res.stdout + res.stderr)
     if res.returncode:
@@ -92,14 +83,9 @@ def runs(tmp_path_factory):
     return {"root": root, "data": data, "single": single, "multi": multi, "multi_ds": multi_ds, "ids": ids}
 
 
-def _train_losses(out: Path) -> dict[int, float]:
-    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
-
-
 @pytest.mark.parametrize("name", ["multi", "multi_ds"])  # torchrun; deepspeed --hostfile --no_ssh
 def test_two_nodes_match_one_node(runs, name):
-    single, multi = _train_losses(runs["single"]), _train_losses(runs[name])
+    single, multi = train_losses(runs["single"]), train_losses(runs[name])
     assert sorted(single) == sorted(multi) == list(range(1, STEPS + 1))
     for step in single:
         assert multi[step] == pytest.approx(single[step], abs=1e-5), step
@@ -128,12 +114,12 @@ def test_resume_from_the_shared_checkpoint_on_one_node(runs):
     import shutil
 
     shutil.copytree(runs["multi"] / "checkpoints" / "step00000002", out / "checkpoints" / "step00000002")
-    res = subprocess.run([str(PY.with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(_free_port()),
+    res = subprocess.run([str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()),
                           *train_args(runs["data"], out, "--checkpoint.resume", "auto")],
                          env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=900)
     (runs["root"] / "resumed.log").write_text(res.stdout + res.stderr)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
-    single, resumed = _train_losses(runs["single"]), _train_losses(out)
+    single, resumed = train_losses(runs["single"]), train_losses(out)
     for step in range(3, STEPS + 1):
         assert resumed[step] == pytest.approx(single[step], abs=1e-5), step
 
@@ -149,6 +135,6 @@ def test_each_node_reads_disjoint_samples(runs):
     assert a and b and not (a & b)
     assert len(a) == len(recs[0]["ids"]) and len(b) == len(recs[1]["ids"])
     whole = build_loader(DataConfig(urls=str(runs["data"] / "shards/train/manifest.json"), batch_size=2,
-                                    max_length=128, num_workers=0),
+                                    max_length=128, num_workers=0, shuffle_buffer=1000),
                          build_tiny_processor(image_size=32, patch_size=8), rank=0, world_size=1)
     assert a | b == {i for batch in whole for i in batch["ids"]}

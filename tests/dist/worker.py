@@ -73,6 +73,8 @@ def main() -> None:
     ap.add_argument("--save-at", type=int, default=0)
     ap.add_argument("--resume", default="none")
     ap.add_argument("--export", action="store_true")
+    ap.add_argument("--grad-ckpt", action="store_true", help="train.gradient_checkpointing")
+    ap.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout of experts and attention")
     ap.add_argument("--persist", action="store_true",
                     help="ZeRO-3 with DeepSpeed's default persistence thresholds (the shipped configs): every tensor "
                          "of the tiny model is kept whole and re-gathered after each optimizer step")
@@ -87,9 +89,10 @@ def main() -> None:
     mb = GLOBAL_BATCH // world
     cfg = RunConfig(
         model=ModelSection(tiny_layers=2, tiny_hidden=32),
-        mole=MoLEConfig(num_experts=args.experts, top_k=args.top_k, rank=4, alpha=8.0, dropout=0.0, routing=args.routing,
-                        ep_size=args.ep, balance_coef=0.01, z_loss_coef=0.001),
-        train=TrainSection(lr=1e-2, warmup_steps=0, min_lr_ratio=1.0, max_steps=args.steps, seed=0))
+        mole=MoLEConfig(num_experts=args.experts, top_k=args.top_k, rank=4, alpha=8.0, dropout=args.dropout,
+                        routing=args.routing, ep_size=args.ep, balance_coef=0.01, z_loss_coef=0.001),
+        train=TrainSection(lr=1e-2, warmup_steps=0, min_lr_ratio=1.0, max_steps=args.steps, seed=0,
+                           gradient_checkpointing=args.grad_ckpt))
     zero = {"stage": args.stage}
     if args.stage == 3 and not args.persist:
         zero.update({"stage3_param_persistence_threshold": 0, "stage3_model_persistence_threshold": 0})

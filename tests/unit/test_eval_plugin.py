@@ -20,8 +20,7 @@ import torch
 
 from mole_ds import inference
 from mole_ds.eval import MODEL_NAME, TASKS_DIR
-
-from .test_inference import make_tiny_export
+from tests.support import make_tiny_export
 
 try:
     import lmms_eval  # noqa: F401

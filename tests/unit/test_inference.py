@@ -3,54 +3,18 @@ exact match on collated training batches, and the errors for exports and bases t
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from mole_ds import MoLEConfig, inference, patch_model, save_consolidated
+from mole_ds import inference
 from mole_ds.data.chat import build_prompt
 from mole_ds.data.collate import SampleEncoder, collate
 from mole_ds.data.samples import Record
+from tests.support import make_tiny_export
 
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220)}
-
-
-def make_tiny_export(root: Path, *, num_experts: int = 3, routing: str = "sparse", hidden: int = 64,
-                     num_layers: int = 2, config_experts: int | None = None, seed: int = 0,
-                     extra: dict | None = None) -> tuple[Path, Path]:
-    """(base dir, mole.safetensors): a tiny LLaVA saved with its embedded processor, patched with MoLE, every
-    trainable tensor made non-zero, and exported. ``config_experts`` writes another expert count into the
-    export's config (an inconsistent file)."""
-    from transformers import LlavaForConditionalGeneration
-
-    from mole_ds.models.processor import build_tiny_processor
-    from mole_ds.models.tiny import tiny_llava_config
-
-    proc = build_tiny_processor(image_size=32, patch_size=8)
-    tok = proc.tokenizer
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(tiny_llava_config(
-        vocab_size=len(tok), image_token_id=proc.image_token_id, pad_token_id=tok.pad_token_id,
-        hidden_size=hidden, intermediate_size=2 * hidden, num_layers=num_layers,
-        initializer_range=hidden ** -0.5)).eval()
-    base = root / "base"
-    model.save_pretrained(base)
-    proc.save_pretrained(base)
-    cfg = MoLEConfig(num_experts=num_experts, rank=4, alpha=8.0, dropout=0.0, routing=routing)
-    patch_model(model, cfg)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.2 * torch.randn(p.shape, generator=g))
-    if config_experts is not None:
-        cfg = MoLEConfig(**{**cfg.to_dict(), "num_experts": config_experts})
-    path = save_consolidated(model, root / "export" / "mole.safetensors", cfg,
-                             extra={"base_model": str(base), "domains": ["general", "text"], "step": 3,
-                                    **(extra or {})})
-    return base, path
 
 
 def image(color: str) -> Image.Image:

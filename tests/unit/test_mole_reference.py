@@ -1,42 +1,10 @@
 """The MoLE MLP against a per-token computation by hand, for every routing mode; router gradients per mode."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import mole_ds
+from tests.support import reference
 from tests.unit.helpers import make_mlp_pair
-
-
-def _lora(x, A, B):
-    return (x @ A.T) @ B.T
-
-
-def reference(mlp: mole_ds.MoLEMLP, x_TD: torch.Tensor, domain_T=None) -> torch.Tensor:
-    """y_t = sum_j c_j MLP_{e_j}(x_t; w_j), one token and one row at a time, from the raw tensors."""
-    cfg, ex, s = mlp.config, mlp.experts, mlp.scaling
-    Wg, Wu, Wd = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
-    out = []
-    for t in range(x_TD.shape[0]):
-        x = x_TD[t:t + 1]
-        p = F.softmax(F.linear(x.float(), mlp.router.weight.float(), mlp.router.bias.float()), -1)[0]
-        E = p.numel()
-        if cfg.routing == "oracle":
-            rows = [(int(domain_T[t]) % E, 1.0, 1.0)]
-        elif cfg.routing == "dense":
-            rows = [(e, 1.0, p[e]) for e in range(E)]
-        else:
-            top = torch.topk(p, cfg.top_k).indices.tolist()
-            w = {"sparse": lambda e: 1.0, "st": lambda e: 1.0, "weighted": lambda e: p[e]}[cfg.routing]
-            rows = [(e, w(e), 1.0 / cfg.top_k) for e in top]
-        y = torch.zeros_like(x)
-        for e, w, c in rows:
-            g = x @ Wg.T + s * w * _lora(x, ex.gate_A[e], ex.gate_B[e])
-            u = x @ Wu.T + s * w * _lora(x, ex.up_A[e], ex.up_B[e])
-            h = F.silu(g) * u
-            y = y + c * (h @ Wd.T + s * w * _lora(h, ex.down_A[e], ex.down_B[e]))
-        out.append(y)
-    return torch.cat(out, 0)
-
 
 MODES = ["sparse", "weighted", "st", "dense"]
 

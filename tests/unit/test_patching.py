@@ -6,22 +6,10 @@ import torch
 
 import mole_ds
 from mole_ds import MoLEConfig, patch_model
-from mole_ds.models.tiny import build_tiny_llama, build_tiny_llava, image_seq_length
+from mole_ds.models.tiny import build_tiny_llama, build_tiny_llava
+from tests.support import llava_inputs
 
 CFG = dict(num_experts=4, rank=4, alpha=8.0, dropout=0.0)
-
-
-def _llava_inputs(model, B=2, text=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    n_img = image_seq_length(model.config)
-    img_id = model.config.image_token_id
-    ids = torch.randint(1, 100, (B, n_img + text), generator=g)
-    ids[:, 1:1 + n_img] = img_id
-    mask = torch.ones_like(ids)
-    mask[1, -3:] = 0
-    size = model.config.vision_config.image_size
-    pixels = torch.randn(B, 3, size, size, generator=g)
-    return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels)
 
 
 def test_patched_llama_equals_base_at_init():
@@ -45,7 +33,7 @@ def test_patched_llama_equals_base_at_init():
 @pytest.mark.parametrize("routing", ["sparse", "weighted", "st", "dense"])
 def test_patched_llava_equals_base_at_init(routing):
     model = build_tiny_llava()
-    inputs = _llava_inputs(model)
+    inputs = llava_inputs(model)
     ref = model(**inputs).logits
     report = patch_model(model, MoLEConfig(routing=routing, **CFG))
     # Dense mixes E identical MLP outputs with weights p that sum to 1 up to rounding: exact to ~1 ulp only.

@@ -4,7 +4,7 @@ import torch
 import mole_ds
 from mole_ds import MoLEConfig, patch_model
 from mole_ds.models.tiny import build_tiny_llava
-from tests.unit.test_patching import _llava_inputs
+from tests.support import llava_inputs
 
 
 def test_tiny_llava_mole_trains_only_intended_params():
@@ -12,7 +12,7 @@ def test_tiny_llava_mole_trains_only_intended_params():
     patch_model(model, MoLEConfig(num_experts=3, rank=8, alpha=16.0, dropout=0.0, routing="weighted",
                                   balance_coef=0.01, z_loss_coef=0.001))
     model.train()
-    inputs = _llava_inputs(model, seed=1)
+    inputs = llava_inputs(model, seed=1)
     labels = inputs["input_ids"].clone()
     labels[inputs["input_ids"] == model.config.image_token_id] = -100
     labels[inputs["attention_mask"] == 0] = -100
@@ -41,7 +41,7 @@ def test_model_loss_times_supervised_tokens_is_the_token_sum():
     from mole_ds.train.step import supervised_tokens
 
     model = build_tiny_llava(seed=3).eval()
-    inputs = _llava_inputs(model, seed=1)
+    inputs = llava_inputs(model, seed=1)
     labels = inputs["input_ids"].clone()
     labels[inputs["input_ids"] == model.config.image_token_id] = -100
     labels[inputs["attention_mask"] == 0] = -100

@@ -6,7 +6,9 @@ import os
 import uuid
 
 import pytest
-from datagen import free_port, use_s3_endpoint
+from datagen import use_s3_endpoint
+
+from mole_ds.runtime import free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -5,17 +5,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 
 from PIL import Image
 
+from mole_ds.runtime import free_port  # noqa: F401  (the data tests' port helper: mole_ds's one copy)
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def use_s3_endpoint(monkeypatch, endpoint: str) -> None:

@@ -1,7 +1,8 @@
 """Consolidation without ranks (mole_ds.consolidate, tools/consolidate.py) on checkpoints real DeepSpeed ranks wrote.
 
-One 2-rank launch per layout (ZeRO-3 ep 2, ZeRO-3 ep 1, ZeRO-2 ep 2; tests/dist/worker.py, 2 steps, checkpoint
-at step 2): the file rebuilt from DeepSpeed's per-rank files alone is tensor for tensor the mole.safetensors the
+One 2-rank launch per layout (ZeRO-3 ep 2, ZeRO-3 ep 1, ZeRO-2 ep 2; tests/dist/worker.py, checkpoint at step 2
+of 4 at a constant learning rate; the session's runs that test_elastic and test_expert_parallel make of the same
+configurations): the file rebuilt from DeepSpeed's per-rank files alone is tensor for tensor the mole.safetensors the
 ranks gathered and wrote into the tag, and the rebuilt Adam moments agree across layouts (same global batches).
 """
 from __future__ import annotations
@@ -17,24 +18,21 @@ from safetensors.torch import load_file
 
 from mole_ds.checkpoint import CONSOLIDATED_NAME, consolidate, read_consolidated, read_full_state, resolve_tag
 from mole_ds.checkpoint import MARKER as CHECKPOINT_MARKER
+from tests.support import ROOT
 
 pytestmark = pytest.mark.dist
 
-ROOT = Path(__file__).resolve().parents[2]
 LAYOUTS = {"z3_ep2": ("3", "2"), "z3_ep1": ("3", "1"), "z2_ep2": ("2", "2")}
 TAG = "step00000002"
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    from tests.dist.test_expert_parallel import launch
-
-    root = tmp_path_factory.mktemp("consolidate")
-    out = {}
-    for name, (stage, ep) in LAYOUTS.items():
-        launch(2, root / name, "--stage", stage, "--ep", ep, "--steps", "2", "--save-at", "2")
-        out[name] = root / name / "checkpoints" / TAG
-    return out
+def ckpts(worker_run):
+    # 4 steps with a checkpoint at step 2, as test_elastic's and test_expert_parallel's runs of these layouts
+    # (tests/dist/conftest.py's worker_run launches each once per session). The learning rate is constant
+    # (worker.py: min_lr_ratio 1), so the checkpoint at step 2 does not depend on the run's length.
+    return {name: worker_run(2, "--stage", stage, "--ep", ep, "--save-at", "2") / "checkpoints" / TAG
+            for name, (stage, ep) in LAYOUTS.items()}
 
 
 def _assert_identical(a: Path, b: Path) -> None:
