@@ -36,12 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 MiB = 2 ** 20
 
-
-def vm_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
+from bench_load import vm_kib  # noqa: E402  (tools/ is on the path: one reader of /proc/self/status)
 
 
 def reset_peak() -> None:

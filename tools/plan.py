@@ -75,17 +75,10 @@ def load(argv):
     from mole_ds.config import ConfigError
     from mole_ds.parallel import memory_model as mm
     from mole_ds.train.config import check_against_deepspeed, load_run_config
-    from mole_ds.train.engine import strip_ds_config
+    from mole_ds.train.launch import read_deepspeed_file
 
     args, overrides = parse_args(argv)
-    p = Path(args.deepspeed)
-    if not p.is_file():
-        raise ValueError(f"--deepspeed ({args.deepspeed}) does not exist")
-    try:
-        ds_full = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"--deepspeed ({args.deepspeed}) is not valid JSON: {exc}") from None
-    ds, ours = strip_ds_config(ds_full)
+    ds, ours = read_deepspeed_file(args.deepspeed)
     cfg = load_run_config(args.config, overrides, base=ours)
     if args.micro_batch is not None:
         ds["train_micro_batch_size_per_gpu"] = args.micro_batch

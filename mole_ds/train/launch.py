@@ -34,20 +34,26 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return ap.parse_known_args(argv)
 
 
-def prepare(argv: list[str], world_size: int):
-    """(run config, DeepSpeed config) after every check that needs no process group (the processor's image-token
-    count included: it is built here, without the model); raises ConfigError listing every problem."""
+def read_deepspeed_file(path: str) -> tuple[dict, dict]:
+    """(DeepSpeed's part, the "mole_ds" part) of a DeepSpeed JSON file; ValueError naming the file when it is
+    missing or not JSON. The one reader for the launcher and the planner."""
     from .engine import strip_ds_config
 
-    args, overrides = parse_args(argv)
-    ds_path = Path(args.deepspeed)
+    ds_path = Path(path)
     if not ds_path.is_file():
-        raise ValueError(f"--deepspeed ({args.deepspeed}) does not exist")
+        raise ValueError(f"--deepspeed ({path}) does not exist")
     try:
         ds_full = json.loads(ds_path.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"--deepspeed ({args.deepspeed}) is not valid JSON: {exc}") from None
-    ds, ours = strip_ds_config(ds_full)
+        raise ValueError(f"--deepspeed ({path}) is not valid JSON: {exc}") from None
+    return strip_ds_config(ds_full)
+
+
+def prepare(argv: list[str], world_size: int):
+    """(run config, DeepSpeed config) after every check that needs no process group (the processor's image-token
+    count included: it is built here, without the model); raises ConfigError listing every problem."""
+    args, overrides = parse_args(argv)
+    ds, ours = read_deepspeed_file(args.deepspeed)
     from .ds_schema import check_deepspeed_keys
 
     # A typo such as zero_optimisation would silently mean ZeRO-0. bf16.enabled "auto" is ours (resolved at
