@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from mole_ds.config import ConfigError
 from mole_ds.data.chat import CHAT_FORMATS
+from mole_ds.data.grouping import BLOCKS, GROUP_BY
 
 MISMATCH_POLICIES = ("error", "skip")
 
@@ -47,6 +48,13 @@ class DataOptions:
     micro-batch that fit the same streams, e.g. 16 streams for 1-16 ranks with micro-batch x accumulation x
     ranks = 16 or a multiple. 0 = world size x num_workers (reduced to divide the micro-batch). Each stream has its
     own shuffle buffer (shuffle_buffer raw samples) and open shard, so buffer memory grows with streams per rank."""
+    group_by_length: str = "none"
+    """Order each stream's samples so that a step's samples have similar token lengths (less padding):
+    'none' (stream order), 'length', or 'modality' (like 'length', and with-image and text-only samples apart,
+    as LLaVA does). Each stream sorts windows of the largest power of two <= shuffle_buffer encoded samples
+    and hands them out in seeded blocks that every stream orders alike (mole_ds.data.grouping), so resume and
+    world-size changes are as exact as with 'none'. Needs shuffle_buffer >= 8 x the samples a stream gives per
+    step (global micro-batch / streams); a window of encoded samples (images included) is held per stream."""
     seed: int = 0
     """Base seed of shard order, shuffle buffers and domain mixing."""
     chat_format: str = "vicuna_v1"
@@ -93,6 +101,13 @@ class DataOptions:
             p.append(f"data.max_skip_fraction ({f}) must be in [0, 1]")
         if self.chat_format not in CHAT_FORMATS:
             p.append(f"data.chat_format ({self.chat_format!r}) must be one of {', '.join(CHAT_FORMATS)}")
+        if self.group_by_length not in GROUP_BY:
+            p.append(f"data.group_by_length ({self.group_by_length!r}) must be one of {', '.join(GROUP_BY)}")
+        elif (self.group_by_length != "none" and isinstance(self.shuffle_buffer, int)
+              and self.shuffle_buffer < BLOCKS):
+            p.append(f"data.shuffle_buffer ({self.shuffle_buffer}) must be >= {BLOCKS} for data.group_by_length "
+                     f"({self.group_by_length!r}): grouping sorts each stream's samples in windows of up to "
+                     "data.shuffle_buffer (at least 8 x the samples a stream gives per step)")
         if self.mismatch_policy not in MISMATCH_POLICIES:
             p.append(f"data.mismatch_policy ({self.mismatch_policy!r}) must be one of {', '.join(MISMATCH_POLICIES)}")
         w = self.domain_weights
@@ -153,6 +168,7 @@ class DataConfig(DataOptions):
 
     def for_eval(self, urls: str | list[str]) -> "DataConfig":
         """The held-out variant, read the same way by every evaluation: exact epochs over ``urls``, no shard
-        or sample shuffle, no domain weights, the default streams, seed + EVAL_SEED_OFFSET."""
+        or sample shuffle, no length grouping, no domain weights, the default streams, seed + EVAL_SEED_OFFSET."""
         return dataclasses.replace(self, urls=urls, seed=self.seed + EVAL_SEED_OFFSET, shuffle_shards=False,
-                                   shuffle_buffer=0, domain_weights={}, samples_per_epoch=0, streams=0)
+                                   shuffle_buffer=0, group_by_length="none", domain_weights={}, samples_per_epoch=0,
+                                   streams=0)

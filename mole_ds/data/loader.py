@@ -23,6 +23,7 @@ from mole_ds.config import ConfigError
 from mole_ds.data.collate import collate, image_expansion
 from mole_ds.data.config import DataConfig, DataOptions
 from mole_ds.data.conversation import IGNORE_INDEX, TokenizationMismatchError, encode_conversation
+from mole_ds.data.grouping import grouping_problem
 from mole_ds.data.manifest import ShardInfo, expand_urls
 from mole_ds.data.pipeline import StreamingDataset, check_layout, default_streams
 from mole_ds.data.skips import MIN_SAMPLES_FOR_FRACTION, DataStreamError, check_skip_fraction
@@ -157,6 +158,17 @@ class StreamingLoader:
             raise ValueError(why + " (set data.streams to a multiple of every world size the run may use)")
         ds = StreamingDataset(self.cfg, self.shards, self.processor, self.rank, self.world_size,
                               self.domain_names, streams)
+        c = ds.layout.c
+        g = self.cfg.batch_size * self.world_size
+        why = grouping_problem(self.cfg.group_by_length, self.cfg.shuffle_buffer, c,
+                               f"global micro-batch {g} = batch size {self.cfg.batch_size} x world size "
+                               f"{self.world_size}, over data.streams {streams}")
+        if why:
+            raise ConfigError([why])
+        if self.cfg.group_by_length != "none" and c & (c - 1) and self.rank == 0:
+            log.warning("data.group_by_length %r: each stream gives %d samples per step, not a power of two, so a "
+                        "step's samples of a stream may span two length blocks (more padding); a global micro-batch "
+                        "/ data.streams that is a power of two groups best", self.cfg.group_by_length, c)
         if self.cfg.num_workers > ds.n_workers and self.rank == 0:
             log.warning("data.num_workers is %d but each rank reads %d stream(s) per step (data.streams %d, world "
                         "size %d): %d worker(s) per rank would be idle and are not started. Each worker reads its "
@@ -186,6 +198,7 @@ class StreamingLoader:
             "steps_per_round": self.dataset.k,
             "samples_consumed": self.steps * self.cfg.batch_size * self.world_size,  # over all ranks
             "seed": self.cfg.seed,
+            "group_by_length": self.cfg.group_by_length,
             # None when unset, as checkpoints have recorded them since STATE_VERSION 2
             "domain_weights": self.cfg.domain_weights or None,
             "samples_per_epoch": self.cfg.samples_per_epoch or None,
@@ -217,6 +230,11 @@ class StreamingLoader:
             self.dataset.set_epoch(self.epoch)  # len() is this epoch's
             return
         where = f"in the middle of epoch {sd['epoch']} (step {sd['steps']} of {sd['epoch_steps']})"
+        grouped = sd.get("group_by_length", "none")  # checkpoints before length grouping did not group
+        if grouped != self.cfg.group_by_length:
+            raise ValueError(f"data.group_by_length ({self.cfg.group_by_length!r}) differs from the checkpoint's "
+                             f"({grouped!r}) {where}: the position names samples in that order, so keep the "
+                             "checkpoint's value until the epoch ends")
         if self.cfg.streams and self.cfg.streams != V:
             raise ValueError(f"data.streams ({self.cfg.streams}) differs from the checkpoint's ({V}) {where}: the "
                              "position is per stream, so keep the checkpoint's value until the epoch ends")

@@ -31,6 +31,10 @@ Algorithm of one stream's epoch (:class:`_Stream`):
      number of steps.  An error ends the worker with one last item {"_error", "_error_kind", "_stats"} that
      the loader re-raises in the main process (so the message and counts of a worker reach the trainer intact).
   6. Resume: a stream given a position fast-forwards its raw streams (reading, not decoding) and chooser to it.
+  7. Length grouping (``data.group_by_length``, mole_ds.data.grouping): a stream hands out its encoded samples
+     window by window, each window reordered so that every aligned run of c samples has neighbouring lengths
+     and every stream puts the same length ranks at the same positions; a position then also names the open
+     window, which a resumed stream re-draws (encoding it) and reorders the same way.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from mole_ds.data.config import DataConfig
 from mole_ds.data.manifest import ShardInfo
 from mole_ds.data.mixing import DomainChooser, assign_shards, seeded, shuffle_buffer
 from mole_ds.data.conversation import TokenizationMismatchError
+from mole_ds.data.grouping import GroupedTake, window_size
 from mole_ds.data.samples import SkipSample, parse_sample
 from mole_ds.data.skips import DataStreamError, check_skip_fraction, describe
 from mole_ds.data.storage import RetryPolicy, StorageError
@@ -236,12 +241,25 @@ class _Stream:
         if self.chooser is not None:
             self.chooser.skip(pos.get("chooser", 0))
         self.watch = {name: _PassWatch(resumed=s.drawn > 0) for name, s in self.raw.items()}
+        self.grouped = None
+        if cfg.group_by_length != "none":  # step 7; the same seed for every stream, so their orders agree
+            self.grouped = GroupedTake(self._one, self._inner_position, cfg.group_by_length,
+                                       window_size(cfg.shuffle_buffer), ds.epoch_samples,
+                                       ds.steps_per_epoch // ds.k * ds.c, (cfg.seed, ds.epoch), pos.get("group"))
 
-    def position(self) -> dict:
+    def _inner_position(self) -> dict:
         return {"streams": {n: s.drawn for n, s in self.raw.items()},
                 "chooser": self.chooser.draws if self.chooser else 0}
 
+    def position(self) -> dict:
+        if self.grouped is None:
+            return self._inner_position()
+        st = self.grouped.state()
+        return {**st.pop("inner"), "group": st}
+
     def take(self, c: int) -> list:
+        if self.grouped is not None:
+            return self.grouped.take(c)
         return [self._one() for _ in range(c)]
 
     def _one(self):

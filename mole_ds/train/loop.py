@@ -20,7 +20,7 @@ from .config import RunConfig
 from .engine import ds_stage, expert_bytes, setup_training
 from .faults import StopSignal
 from .step import exact_match_step, forward, train_step
-from .metrics import MetricsWriter, RoutingTracker, write_routing_report
+from .metrics import MetricsWriter, RoutingTracker, token_slots, write_routing_report
 from .zero3 import VisionSync
 
 
@@ -243,8 +243,10 @@ class Trainer:
                 # Expert all-to-all bytes to other ranks: per step, averaged over the steps since the last record.
                 a2a = {k: v / max(1, self.step - last_logged) for k, v in all_to_all_bytes(self.model).items()}
                 last_logged = self.step
+                real, slots = token_slots(batches)  # this step's micro-batches on all ranks
                 rec = {"loss": loss, "aux_loss": aux, "balance": balance,
                        "lr": self.setup.scheduler.get_last_lr()[0], "tokens_per_s": rec_step.tokens * self.world / dt,
+                       "real_tokens_per_s": real / dt, "pad_fraction": 1.0 - real / max(slots, 1),
                        "step_s": dt, "expert_load_max_over_mean": load, **a2a}
                 self.metrics.log(self.step, "train", rec)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", aux=f"{rec['aux_loss']:.4f}",

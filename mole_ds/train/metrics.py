@@ -77,6 +77,19 @@ class MetricsWriter:
             self._tb = None
 
 
+def token_slots(batches: list[dict]) -> tuple[int, int]:
+    """(real tokens, token slots) of a step's micro-batches summed over all ranks (collective when
+    distributed): real = attention-mask ones (image tokens included), slots = B x T of each padded
+    micro-batch; the step's padding fraction is 1 - real / slots."""
+    import torch.distributed as dist
+
+    t = torch.tensor([sum(int(b["attention_mask"].sum()) for b in batches),
+                      sum(b["attention_mask"].numel() for b in batches)], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return int(t[0]), int(t[1])
+
+
 class RoutingTracker(RoutingTable):
     """The run's routing counts (a :class:`mole_ds.routing_table.RoutingTable`: one row per domain of the data,
     a single "all" row when it names none), filled from ``routing_counts_by_sample`` on every rank."""
