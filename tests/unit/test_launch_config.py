@@ -299,3 +299,25 @@ def test_param_groups_give_projector_and_router_their_own_rates():
                   else "experts" if ".experts." in names[id(p)] else "base") for p in g["params"]}
         assert kinds == {g["name"].split("_")[0] if g["name"] not in ("decay", "no_decay") else "base"}
     assert sum(len(g["params"]) for g in own) == sum(len(g["params"]) for g in same)
+
+
+def test_shipped_llava_recipe_loads_and_passes_every_check_but_the_model_path():
+    """launchers/configs/llava_mole_7b.yaml + ds_configs/zero3_ep_bf16.json (docs/recipe.md) on 8 ranks: only
+    the placeholder model.path is refused (no weights here); the settings are the recipe's."""
+    from pathlib import Path
+
+    from mole_ds.train.config import check_against_deepspeed, check_values
+    from mole_ds.train.launch import read_deepspeed_file
+
+    root = Path(__file__).resolve().parents[2]
+    ds, ours = read_deepspeed_file(str(root / "ds_configs" / "zero3_ep_bf16.json"))
+    cfg = load_run_config(str(root / "launchers" / "configs" / "llava_mole_7b.yaml"),
+                          ["--data.train", "s3://bucket/llava665k/manifest.json"], base=ours)
+    from mole_ds.train.ds_schema import check_deepspeed_keys
+
+    assert check_deepspeed_keys(ds) == []  # every key is one DeepSpeed knows
+    problems = check_values(cfg) + check_against_deepspeed(cfg, ds, 8)
+    assert [p.split(" ")[0] for p in problems] == ["model.path"], problems
+    assert (cfg.mole.num_experts, cfg.mole.rank, cfg.mole.ep_size, cfg.data.max_length) == (3, 32, "auto", 2048)
+    assert (cfg.train.lr, cfg.train.projector_lr, cfg.train.gradient_checkpointing) == (2e-4, 2e-5, True)
+    assert cfg.data.group_by_length == "modality" and ds["train_micro_batch_size_per_gpu"] * 8 == 128
