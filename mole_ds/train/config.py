@@ -356,6 +356,18 @@ def check_against_deepspeed(cfg: RunConfig, ds: dict[str, Any], world_size: int)
         why = check_layout(cfg.data.streams, world_size, mb)
         if why:
             p.append(why.replace("per-rank batch size", "per-rank batch size (train_micro_batch_size_per_gpu)"))
+    if cfg.data.group_by_length != "none" and isinstance(mb, int) and mb >= 1 and not any("streams" in x for x in p):
+        # the loader's own refusal, before any rank starts (the same function decides)
+        from ..data.grouping import grouping_problem
+        from ..data.pipeline import Layout, default_streams
+
+        streams = cfg.data.streams or default_streams(world_size, mb, max(1, cfg.data.num_workers))
+        c = Layout(streams, world_size, mb, 0).c
+        why = grouping_problem(cfg.data.group_by_length, cfg.data.shuffle_buffer, c,
+                               f"global micro-batch {mb * world_size} = train_micro_batch_size_per_gpu {mb} x world "
+                               f"size {world_size}, over data.streams {streams}")
+        if why:
+            p.append(why)
     if cfg.model.train_base and stage == 3:
         p.append("model.train_base (true) needs zero_optimization.stage 0, 1 or 2 (got 3)")
     if cfg.model.train_base and isinstance(ep, int) and ep > 1:

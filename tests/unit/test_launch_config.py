@@ -321,3 +321,13 @@ def test_shipped_llava_recipe_loads_and_passes_every_check_but_the_model_path():
     assert (cfg.mole.num_experts, cfg.mole.rank, cfg.mole.ep_size, cfg.data.max_length) == (3, 32, "auto", 2048)
     assert (cfg.train.lr, cfg.train.projector_lr, cfg.train.gradient_checkpointing) == (2e-4, 2e-5, True)
     assert cfg.data.group_by_length == "modality" and ds["train_micro_batch_size_per_gpu"] * 8 == 128
+
+
+def test_group_by_length_with_a_buffer_too_small_to_group_is_refused_before_start(tmp_path):
+    with pytest.raises(ValueError) as err:
+        _prep(tmp_path, 2, "--data.train", _shards(tmp_path), "--data.group_by_length", "modality",
+              "--data.shuffle_buffer", "8", "--data.streams", "2")  # 2 samples per stream per step, 1 block of 8
+    assert "data.shuffle_buffer (8) is too small for data.group_by_length ('modality')" in str(err.value)
+    cfg, _ = _prep(tmp_path, 2, "--data.train", _shards(tmp_path), "--data.group_by_length", "modality",
+                   "--data.shuffle_buffer", "16", "--data.streams", "2")
+    assert cfg.data.group_by_length == "modality"
