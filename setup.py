@@ -24,7 +24,9 @@ setup(
         "tensorboard>=2.15",
     ],
     extras_require={
-        "dev": ["pytest>=8", "peft>=0.15", "moto[server]>=5.0"],
+        "dev": ["pytest>=8", "peft>=0.15", "moto[server]>=5.0",
+                # the conflict study's pretrained base reads a GGUF file (mole_ds/studies/pretrained_base.py)
+                "gguf==0.19.0"],
         # CUDA only; see README for the --no-build-isolation install.
         "gpu": ["megablocks>=0.10", "grouped_gemm>=0.1.6"],
         # What the lmms-eval command imports for a custom model on image tasks; lmms-eval itself is installed

@@ -13,6 +13,7 @@ from typing import Any, Iterable, Mapping
 ROUTING_MODES = ("sparse", "weighted", "st", "dense", "oracle")
 BALANCE_LOSSES = ("mole", "switch", "none")
 BACKENDS = ("auto", "torch", "loop", "megablocks")
+ROUTING_LEVELS = ("token", "sample")
 
 
 class ConfigError(ValueError):
@@ -56,6 +57,11 @@ class MoLEConfig:
       studies; ``mole_ds.set_sample_domains`` must give the ids). top_k must be 1.
 
     With top_k = 1, sparse/st/weighted equal the paper's per-projection form exactly (one expert per token).
+
+    ``routing_level: sample`` makes every learned mode choose once per sample and layer, from the mean of the
+    layer's MLP input over the sample's prompt tokens, and send all of the sample's tokens there (what
+    ``oracle`` does with the domain id; the cost stays one expert per token). ``mi_coef`` adds the
+    mutual-information objective -(H(mean_b p_b) - mean_b H(p_b)) (Mod-Squad), ``router_*`` shape the router.
     """
 
     num_experts: int = 3
@@ -81,6 +87,19 @@ class MoLEConfig:
     """Plain (single) LoRA on q/k/v/o projections with the same rank and alpha."""
     train_projector: bool = False
     """Also train the multimodal projector of a LLaVA model."""
+    routing_level: str = "token"
+    """'token' (each token routed on its own hidden state) or 'sample' (each sample routed once per layer from
+    its pooled prompt; see ``mole_ds.mole.sample_routing``). Ignored by 'oracle', which is per sample already."""
+    mi_coef: float = 0.0
+    """Weight in ``aux_loss`` of -I(sample; expert) = -(H(mean_b p_b) - mean_b H(p_b)) per layer (nats), p_b a
+    sample's mean routing probability over its non-pad tokens: rewards decisive, batch-balanced routing."""
+    router_temperature: float = 1.0
+    """Router logits are divided by this before the softmax (< 1: sharper p, larger task gradient)."""
+    router_input_norm: bool = False
+    """Scale the router's input to unit RMS (no weights) before the router Linear."""
+    router_noise: float = 0.0
+    """Std of Gaussian noise added to the router logits in training mode (exploration); 0 = none. Under
+    activation checkpointing the recompute redraws the same noise (the RNG state is restored)."""
     backend: str = "auto"
     """'auto' (megablocks on CUDA when installed, else torch) | 'torch' | 'loop' | 'megablocks'."""
     ep_size: int | str = 1
@@ -138,13 +157,16 @@ class MoLEConfig:
             p.append(f"mole.alpha ({self.alpha}) must be > 0")
         if _num("dropout") and not 0.0 <= self.dropout < 1.0:
             p.append(f"mole.dropout ({self.dropout}) must be in [0, 1)")
-        for name in ("balance_coef", "z_loss_coef"):
+        if _num("router_temperature") and self.router_temperature <= 0:
+            p.append(f"mole.router_temperature ({self.router_temperature}) must be > 0")
+        for name in ("balance_coef", "z_loss_coef", "mi_coef", "router_noise"):
             if _num(name) and getattr(self, name) < 0:
                 p.append(f"mole.{name} ({getattr(self, name)}) must be >= 0")
         _choice("routing", ROUTING_MODES)
         _choice("balance_loss", BALANCE_LOSSES)
         _choice("backend", BACKENDS)
-        for name in ("attn_lora", "train_projector"):
+        _choice("routing_level", ROUTING_LEVELS)
+        for name in ("attn_lora", "train_projector", "router_input_norm"):
             if not isinstance(getattr(self, name), bool):
                 p.append(f"mole.{name} ({getattr(self, name)!r}) must be true or false")
         return p

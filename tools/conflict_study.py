@@ -4,6 +4,8 @@
     python tools/conflict_study.py --out runs/conflict_study              # the published study (~23 min, 2 CPU cores)
     python tools/conflict_study.py --out runs/cq --quick                   # table variant, 2 seeds: ~1 minute
     python tools/conflict_study.py --out runs/cs --variants rule --seeds 0 1 2 --attn-lora true
+    python tools/conflict_study.py --out runs/cs_pre --base smollm2 --base-layers 6 --variants rule --rule-symbols 8 \
+        --steps-per-domain 30 --batch 16 --arms mix mix_matched oracle mole_sparse_sample_mi   # pretrained base
 
 Every arm (one LoRA per domain, LoRA on the mix, rank-matched LoRA, MoLE with each learned routing mode,
 oracle domain routing, a fixed input-hash split) runs on every seed's task; results.{json,csv}, table.md,

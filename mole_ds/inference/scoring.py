@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from ..answers import answers_match
 from ..mole.collect import routing_counts_by_sample
+from ..mole.sample_routing import set_prompt_mask
 from ..patching import set_sample_domains
 from .decoding import greedy_ids
 from .prompts import encode_prompt, length_batches, model_inputs, pad_batch, pad_token_id
@@ -56,11 +57,16 @@ def loglikelihood(m: InferenceModel, contexts: Sequence[str], continuations: Seq
     for idx in length_batches([len(w) for w in wholes], batch_size):
         inputs = model_inputs(m, [prompts[i] for i in idx], [wholes[i] for i in idx], "right")
         set_sample_domains(m.model, m.domain_ids([domains[i] for i in idx] if domains else None))
+        # Sample-level routing sees the prompt only, as when the continuation is generated (right-padded rows).
+        T = inputs["input_ids"].shape[1]
+        lens = torch.tensor([len(prompts[i].ids) for i in idx], device=inputs["input_ids"].device)
+        set_prompt_mask(m.model, torch.arange(T, device=lens.device)[None] < lens[:, None])
         try:
             logp_BTV = m.model(**inputs).logits.float().log_softmax(-1)
             per = routing_counts_by_sample(m.model).cpu() if routing else None
         finally:
             set_sample_domains(m.model, None)
+            set_prompt_mask(m.model, None)
         ids_BT = inputs["input_ids"]
         for j, i in enumerate(idx):
             pos = torch.arange(len(prompts[i].ids) - 1, len(wholes[i]) - 1, device=ids_BT.device)  # t predicts t+1

@@ -9,6 +9,7 @@ from .dispatch import LocalDispatcher, get_backend
 from .experts import LoRAExperts
 from .losses import RoutingStats, routing_stats
 from .router import TopKRouter
+from .sample_routing import sample_logits_TE
 
 
 class MoLEMLP(nn.Module):
@@ -44,7 +45,9 @@ class MoLEMLP(nn.Module):
         w = self.gate_proj.weight
         # Under ZeRO-3 the base weight may be a partitioned placeholder; its dtype/device still hold.
         factory = {"dtype": w.dtype, "device": w.device}
-        self.router = TopKRouter(hidden, config.num_experts, config.top_k, config.routing, **factory)
+        self.router = TopKRouter(hidden, config.num_experts, config.top_k, config.routing,
+                                 temperature=config.router_temperature, input_norm=config.router_input_norm,
+                                 noise=config.router_noise, **factory)
         n_local = config.num_experts if num_local_experts is None else num_local_experts
         self.experts = LoRAExperts(n_local, hidden, inter, config.rank, expert_offset, layer_idx, **factory)
         self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
@@ -53,6 +56,10 @@ class MoLEMLP(nn.Module):
         self.token_mask: torch.Tensor | None = None
         self.sample_domains: torch.Tensor | None = None
         """(B,) domain id per sample of the next forward (set by ``mole_ds.set_sample_domains``; oracle routing)."""
+        self.prompt_mask: torch.Tensor | None = None
+        """(B, S) prompt tokens of the next forward (``mole.sample_routing.set_prompt_mask``; sample routing)."""
+        self.sample_logits_BE: torch.Tensor | None = None
+        """Sample routing: the last prompt step's per-sample logits, reused by KV-cache decoding steps."""
         self.last_stats: RoutingStats | None = None
         self.recomputing = False
         """Set while activation checkpointing re-runs this layer's forward during backward: the routing
@@ -82,7 +89,11 @@ class MoLEMLP(nn.Module):
         x_TD = x_BSD.reshape(-1, D)
         B, S = (shape[0], shape[1]) if len(shape) == 3 else (1, x_TD.shape[0])
 
-        route = self.router.route(self.router(x_TD), self._domain_T(B, S))
+        if self.config.routing_level == "sample" and self.config.routing != "oracle":
+            logits_TE = sample_logits_TE(self, x_TD, B, S)  # one decision per sample (mole/sample_routing.py)
+        else:
+            logits_TE = self.router(x_TD)
+        route = self.router.route(logits_TE, self._domain_T(B, S))
         # Computed in a recompute too (the aux loss's backward needs the tensors it saves), kept only from the
         # real forward.
         stats = routing_stats(route.logits_TE, route.probs_TE, route.chosen_TK, self._mask_BS(B, S, x_TD.device))

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from .block import MoLEMLP
-from .losses import BALANCE_LOSSES, RoutingStats, z_loss
+from .losses import BALANCE_LOSSES, RoutingStats, mi_loss, z_loss
 
 
 def _stats(model: nn.Module) -> tuple[list[RoutingStats], MoLEMLP]:
@@ -19,19 +19,22 @@ def _stats(model: nn.Module) -> tuple[list[RoutingStats], MoLEMLP]:
 
 
 def aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Unweighted components of the last forward's auxiliary loss: 'balance' and 'z' (tensors with grad)."""
+    """Unweighted components of the last forward's auxiliary loss: 'balance', 'z' and 'mi' (-I(sample;
+    expert), :func:`mole_ds.mole.losses.mi_loss`), tensors with grad."""
     stats, first = _stats(model)
     cfg = first.config
     zero = stats[0].prob_sum_BE.sum() * 0.0
     balance = BALANCE_LOSSES[cfg.balance_loss](stats) if cfg.balance_loss != "none" else zero
-    return {"balance": balance, "z": z_loss(stats)}
+    return {"balance": balance, "z": z_loss(stats), "mi": mi_loss(stats)}
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:
-    """balance_coef * balance + z_loss_coef * z for the last forward (add it to the task loss)."""
+    """balance_coef * balance + z_loss_coef * z + mi_coef * mi for the last forward (add it to the task loss)."""
     cfg = _stats(model)[1].config
     parts = aux_losses(model)
-    return cfg.balance_coef * parts["balance"] + cfg.z_loss_coef * parts["z"]
+    total = cfg.balance_coef * parts["balance"] + cfg.z_loss_coef * parts["z"]
+    mi_coef = getattr(cfg, "mi_coef", 0.0)
+    return total + mi_coef * parts["mi"] if mi_coef else total
 
 
 def routing_counts(model: nn.Module) -> torch.Tensor:

@@ -72,4 +72,25 @@ def z_loss(stats: list[RoutingStats]) -> torch.Tensor:
     return torch.stack([s.z_sum_B.sum() / s.tokens_B.sum().clamp_min(1.0) for s in stats]).mean()
 
 
+def mi_loss(stats: list[RoutingStats]) -> torch.Tensor:
+    """-I(sample; expert) in nats, mean over layers (Mod-Squad, Chen et al. 2023, with samples for tasks).
+
+    Per layer, p_b = the mean routing probability of sample b over its non-pad tokens (for sample-level
+    routing, the sample's p); I = H(mean_b p_b) - mean_b H(p_b): high when each sample is decisive (low
+    H(p_b)) and the batch as a whole uses every expert (high H of the mean). Minimising -I rewards both; it
+    is 0 for a single sample and at most log E. Samples without tokens are left out."""
+    losses = []
+    for s in stats:
+        valid_B = s.tokens_B > 0
+        p_BE = s.prob_sum_BE[valid_B] / s.tokens_B[valid_B, None]
+        if p_BE.shape[0] == 0:
+            losses.append(s.prob_sum_BE.sum() * 0.0)
+            continue
+        mean_E = p_BE.mean(0)
+        h_mean = -(mean_E * mean_E.clamp_min(1e-12).log()).sum()
+        h_each = -(p_BE * p_BE.clamp_min(1e-12).log()).sum(-1).mean()
+        losses.append(h_each - h_mean)
+    return torch.stack(losses).mean()
+
+
 BALANCE_LOSSES = {"mole": mole_balance_loss, "switch": switch_balance_loss}

@@ -38,18 +38,34 @@ class TopKRouter(nn.Linear):
     readable by anything that knows the paper's layout. Routing modes: see :class:`mole_ds.MoLEConfig`.
     """
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, routing: str, **factory) -> None:
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, routing: str, *,
+                 temperature: float = 1.0, input_norm: bool = False, noise: float = 0.0, **factory) -> None:
         super().__init__(hidden_size, num_experts, bias=True, **factory)
         self.num_experts = num_experts
         self.top_k = top_k
         self.routing = routing
+        self.temperature = float(temperature)
+        self.input_norm = bool(input_norm)
+        self.noise = float(noise)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        """fp32 logits. Returning a plain tensor matters: ZeRO-3 re-gathers a module's weights for backward
-        through hooks on its tensor outputs."""
+        """fp32 logits: ``linear(x / rms(x) if input_norm) / temperature`` plus N(0, noise^2) in training mode.
+        Returning a plain tensor matters: ZeRO-3 re-gathers a module's weights for backward through hooks on
+        its tensor outputs."""
         # fp32 routing: bf16 logits flip argmax decisions between otherwise identical runs.
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            return F.linear(x_TD.float(), self.weight.float(), self.bias.float())
+            x = x_TD.float()
+            if self.input_norm:
+                # Parameter-free RMS scaling: the router's step size then does not depend on the hidden-state
+                # scale, which differs between layers and (for pooled prompts) between prompt lengths.
+                x = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6)
+            logits = F.linear(x, self.weight.float(), self.bias.float())
+            if self.temperature != 1.0:
+                logits = logits / self.temperature
+            if self.training and self.noise > 0:
+                # Drawn from the global RNG, so activation checkpointing's restored RNG state redraws it.
+                logits = logits + self.noise * torch.randn_like(logits)
+            return logits
 
     def route(self, logits_TE: torch.Tensor, domain_T: torch.Tensor | None = None) -> RouterOutput:
         """The routing decision for fp32 logits (no parameters used). ``domain_T``: per-token domain id,
@@ -85,4 +101,7 @@ class TopKRouter(nn.Linear):
         raise ValueError(f"router.routing ({self.routing!r}) must be sparse, weighted, st, dense or oracle")
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, top_k={self.top_k}, routing={self.routing}"
+        extra = "".join(f", {k}={v}" for k, v, d in (("temperature", self.temperature, 1.0),
+                                                     ("input_norm", self.input_norm, False),
+                                                     ("noise", self.noise, 0.0)) if v != d)
+        return f"{super().extra_repr()}, top_k={self.top_k}, routing={self.routing}{extra}"

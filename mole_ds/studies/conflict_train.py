@@ -25,11 +25,29 @@ from mole_ds.config import MoLEConfig
 from mole_ds.demo.conflict import ConflictTask
 from mole_ds.models.tiny import build_tiny_llama
 from mole_ds.mole.collect import aux_loss, routing_counts_by_sample
+from mole_ds.mole.sample_routing import set_prompt_mask
 from mole_ds.patching import patch_model, set_sample_domains
 from mole_ds.routing_table import RoutingTable
 
 
 ROUTE_BY = ("router", "domain", "input_hash")
+
+MI = 0.1
+"""mi_coef of the recipes that use the mutual-information objective."""
+RECIPES: dict[str, dict] = {
+    # name: MoLEConfig overrides (+ "router_lr_mult": the router's learning rate / the adapters'). Every recipe
+    # keeps one expert per token; all keep the paper's balance loss beside the options they add.
+    "st_mi": {"routing": "st", "mi_coef": MI},
+    "st_sample": {"routing": "st", "routing_level": "sample"},
+    "st_sample_mi": {"routing": "st", "routing_level": "sample", "mi_coef": MI},
+    "sparse_sample_mi": {"routing": "sparse", "routing_level": "sample", "mi_coef": MI},
+    "st_sample_mi_lr": {"routing": "st", "routing_level": "sample", "mi_coef": MI, "router_input_norm": True,
+                        "router_lr_mult": 10.0},
+    "st_sample_mi_noise": {"routing": "st", "routing_level": "sample", "mi_coef": MI, "router_noise": 1.0},
+    "sparse_sample_mi_lr": {"routing": "sparse", "routing_level": "sample", "mi_coef": MI,
+                            "router_input_norm": True, "router_lr_mult": 10.0},
+}
+"""The v3 learned-routing arms (``mole_<name>``), see docs/conflict_study.md."""
 
 
 @dataclass
@@ -49,6 +67,8 @@ class ArmRun:
     input symbols mod E: a fixed split that ignores the domain)."""
     batch: int | None = None
     """Samples per step (None: the settings' batch)."""
+    recipe: str | None = None
+    """A :data:`RECIPES` entry: routing options of the v3 arms (its ``routing`` replaces ``routing``)."""
 
 
 @dataclass
@@ -68,11 +88,20 @@ class TrainSettings:
     balance_loss: str = "mole"
     balance_coef: float = 0.01
     top_k: int = 1
+    base: str = "tiny"
+    """'tiny' (frozen random tiny LLaMA, seeded) or 'smollm2' (pretrained, ``studies.pretrained_base``)."""
+    base_layers: int = 0
+    """smollm2: keep the first this many decoder layers (0 = all 30)."""
 
 
 def build_base(task: ConflictTask, s: TrainSettings, seed: int) -> torch.nn.Module:
     """Step 1: the frozen random base of a seed (init scale 1/sqrt(hidden), so the frozen LM head can give
-    the answer a clear margin once the adapter points the last hidden state at it)."""
+    the answer a clear margin once the adapter points the last hidden state at it). ``s.base == 'smollm2'``:
+    the pretrained model (the same for every seed)."""
+    if s.base == "smollm2":
+        from .pretrained_base import load_pretrained
+
+        return load_pretrained(s.base_layers)[0]
     return build_tiny_llama(seed=seed, vocab_size=task.vocab_size, hidden_size=s.hidden,
                             intermediate_size=s.intermediate, num_layers=s.layers, num_heads=s.heads,
                             num_kv_heads=max(1, s.heads // 2), initializer_range=1.0 / math.sqrt(s.hidden),
@@ -92,7 +121,22 @@ def _forward_answer(model, task: ConflictTask, run: ArmRun, d_B, x_BS, ids_BL) -
     ids = fixed_expert_ids(run, task, d_B, x_BS)
     if ids is not None:
         set_sample_domains(model, ids)
+    if _sample_level(run):
+        # The input is the prompt alone (the answer is predicted at SEP): sample routing pools all of it.
+        set_prompt_mask(model, torch.ones_like(ids_BL, dtype=torch.bool))
     return model(input_ids=ids_BL).logits[:, -1].float()  # logits at SEP: the answer's
+
+
+def _recipe(run: ArmRun) -> dict:
+    if run.recipe is None:
+        return {}
+    if run.recipe not in RECIPES:
+        raise ValueError(f"recipe ({run.recipe!r}) must be one of {', '.join(RECIPES)}")
+    return RECIPES[run.recipe]
+
+
+def _sample_level(run: ArmRun) -> bool:
+    return _recipe(run).get("routing_level") == "sample"
 
 
 def train_arm(task: ConflictTask, run: ArmRun, s: TrainSettings, seed: int) -> dict:
@@ -102,18 +146,23 @@ def train_arm(task: ConflictTask, run: ArmRun, s: TrainSettings, seed: int) -> d
     t0 = time.perf_counter()
     model = build_base(task, s, seed)
     torch.manual_seed(10_000 + seed)  # adapter init: the same per seed for every arm of that shape
-    cfg = MoLEConfig(num_experts=run.experts, top_k=min(s.top_k, run.experts), rank=run.rank,
-                             alpha=s.alpha_over_rank * run.rank, dropout=s.dropout, routing=run.routing,
-                             balance_loss=s.balance_loss, balance_coef=s.balance_coef, attn_lora=s.attn_lora,
-                             backend="torch")
+    recipe = {k: v for k, v in _recipe(run).items() if k != "router_lr_mult"}
+    cfg = MoLEConfig(**{**dict(num_experts=run.experts, top_k=min(s.top_k, run.experts), rank=run.rank,
+                               alpha=s.alpha_over_rank * run.rank, dropout=s.dropout, routing=run.routing,
+                               balance_loss=s.balance_loss, balance_coef=s.balance_coef, attn_lora=s.attn_lora,
+                               backend="torch"), **recipe})
     report = patch_model(model, cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
+    # The router's own learning rate (as train.router_lr does in the engine): a second group, same schedule.
+    router = [p for n, p in model.named_parameters() if p.requires_grad and ".router." in n]
+    others = [p for n, p in model.named_parameters() if p.requires_grad and ".router." not in n]
+    mult = float(_recipe(run).get("router_lr_mult", 1.0))
+    groups = [{"params": others, "lr": s.lr}] + ([{"params": router, "lr": s.lr * mult}] if router else [])
+    opt = torch.optim.AdamW(groups, lr=s.lr, weight_decay=0.0)
     warm = max(1, int(s.warmup_frac * run.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) * (
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, i / max(1, run.steps))))))
     gen = torch.Generator().manual_seed(20_000 + seed)
-    use_aux = run.experts > 1 and run.route_by == "router" and s.balance_loss != "none"
+    use_aux = run.experts > 1 and run.route_by == "router" and (s.balance_loss != "none" or cfg.mi_coef > 0)
     model.train()
     losses = []
     for _ in range(run.steps):
@@ -129,7 +178,10 @@ def train_arm(task: ConflictTask, run: ArmRun, s: TrainSettings, seed: int) -> d
     train_s = time.perf_counter() - t0
     rec = {"arm": run.arm, "seed": seed, "train_domains": list(run.train_domains), "steps": run.steps,
            "batch": run.batch or s.batch,
-           "experts": run.experts, "rank": run.rank, "routing": run.routing, "route_by": run.route_by,
+           "experts": run.experts, "rank": run.rank, "routing": cfg.routing, "route_by": run.route_by,
+           **({"recipe": run.recipe, "mole": {k: getattr(cfg, k) for k in ("routing_level", "mi_coef",
+              "router_temperature", "router_input_norm", "router_noise")}, "router_lr_mult": mult}
+              if run.recipe else {}),
            "trainable_params": report.trainable_params, "train_s": round(train_s, 3),
            "first_train_loss": _mean(losses[:10]), "last_train_loss": _mean(losses[-10:]),
            **evaluate(model, task, run)}
@@ -155,13 +207,18 @@ def evaluate(model, task: ConflictTask, run: ArmRun) -> dict:
         em[str(d)] = float((logits.argmax(-1) == ans_M).float().mean())
         loss[str(d)] = float(F.cross_entropy(logits, ans_M))
         if run.experts > 1:
-            # A causal model routes position t the same in any prompt prefix longer than t, so the SEP
-            # token's counts are (counts over the prompt) - (counts over the prompt without SEP).
             full_LE = routing_counts_by_sample(model).sum(1)
-            _forward_answer(model, task, run, d_M, x_MS, ids_ML[:, :-1])
-            prefix_LE = routing_counts_by_sample(model).sum(1)
+            if _sample_level(run):
+                # Every token of a sample follows the sample's choice: the SEP token's counts are the
+                # prompt's divided by its length (exact integers).
+                sep_LE = torch.div(full_LE, ids_ML.shape[1], rounding_mode="floor")
+            else:
+                # A causal model routes position t the same in any prompt prefix longer than t, so the SEP
+                # token's counts are (counts over the prompt) - (counts over the prompt without SEP).
+                _forward_answer(model, task, run, d_M, x_MS, ids_ML[:, :-1])
+                sep_LE = full_LE - routing_counts_by_sample(model).sum(1)
             all_LDE.append(full_LE)
-            sep_LDE.append(full_LE - prefix_LE)
+            sep_LDE.append(sep_LE)
     out = {"em": em, "loss": loss, "eval_size": int(task.eval_inputs_MS.shape[0])}
     if all_LDE:
         names = [f"d{d}" for d in run.train_domains]

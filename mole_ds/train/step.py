@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from ..inference.scoring import exact_match_batch
 from ..mole.collect import aux_loss
+from ..mole.sample_routing import prompt_mask_from_labels, set_prompt_mask
 from ..patching import mole_layers, set_sample_domains
 
 MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values")
@@ -102,6 +103,10 @@ def forward(engine, batch: dict, vision_sync=None):
     if mole_layers(model):
         dom = batch.get("domain_ids")
         set_sample_domains(model, dom.to(engine.device) if torch.is_tensor(dom) else None)
+        # Sample-level routing pools each sample's prompt (the tokens before its first supervised one), never
+        # its answer; without labels the whole input is the prompt.
+        labels = inputs.get("labels")
+        set_prompt_mask(model, None if labels is None else prompt_mask_from_labels(labels, inputs.get("attention_mask")))
     return engine(**inputs)
 
 
@@ -113,6 +118,8 @@ def exact_match_step(model, processor, batch: dict, max_new_tokens: int, vision_
     if vision_sync is not None:
         pv = batch.get("pixel_values")
         vision_sync.before_generate(text_only=pv is None or pv.numel() == 0)
+    if mole_layers(model):
+        set_prompt_mask(model, None)  # generation: the prompt is the whole first input
     return exact_match_batch(model, processor, batch, max_new_tokens=max_new_tokens)
 
 

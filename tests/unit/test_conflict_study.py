@@ -151,7 +151,7 @@ def test_config_lists_every_problem():
 def test_plan_gives_every_arm_the_same_steps_and_samples_per_domain():
     cfg = ConflictConfig(steps_per_domain=10, batch=60)
     runs = plan_runs(cfg, "table", 0)
-    assert [r.arm for r in runs] == ["per_domain"] * 3 + arm_names(cfg.routings)[1:]
+    assert [r.arm for r in runs] == ["per_domain"] * 3 + arm_names(cfg.routings, cfg.recipes)[1:]
     assert {r.steps for r in runs} == {30}
     per_domain = [r for r in runs if r.arm == "per_domain"]
     assert [r.train_domains for r in per_domain] == [[0], [1], [2]] and {r.batch for r in per_domain} == {20}
@@ -179,7 +179,7 @@ def test_quick_study_learns_and_routes_as_defined(tmp_path):
     assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
     res = json.loads((out / "results.json").read_text())
     cfg = res["config"]
-    arms = arm_names(cfg["routings"])
+    arms = arm_names(cfg["routings"], cfg["recipes"])
     doms = [f"d{d}" for d in range(cfg["domains"])]
     cells = {(c["arm"], c["domain"]): c for c in res["cells"]}
     assert set(cells) == {(a, d) for a in arms for d in doms + ["mean"]}
