@@ -18,7 +18,7 @@ config.json alone; the table compares
 
 and writes JSON. ``--quick`` runs the embedded tiny model instead (the dist test's fit check).
 
-    flock /tmp/mole_heavy.lock python tools/bench_plan.py --out-json docs/results/bench_plan.json
+    python tools/bench_plan.py --out-json docs/results/bench_plan.json
 """
 from __future__ import annotations
 
