@@ -231,7 +231,9 @@ def import_mole() -> dict:
     loaded = sorted({m.partition(".")[0] for m in sys.modules} - before - set(sys.builtin_module_names)
                     - set(getattr(sys, "stdlib_module_names", ())) - {"mole_ds"})
     ok, reason = megablocks_available()
-    return {"mole_ds_from": str(Path(sys.modules["mole_ds"].__file__).parent), "third_party_loaded": loaded,
+    src = Path(sys.modules["mole_ds"].__file__).resolve().parent
+    where = src.relative_to(ROOT).as_posix() if src.is_relative_to(ROOT) else str(src)  # the tree's own, or not
+    return {"mole_ds_from": where, "third_party_loaded": loaded,
             "megablocks_available": ok, "megablocks_reason": reason}
 
 
