@@ -78,6 +78,19 @@ def set_sample_domains(model: nn.Module, domain_ids_B) -> None:
         layer.sample_domains = domain_ids_B
 
 
+def set_prompt_mask(model: nn.Module, prompt_mask_BS) -> None:
+    """Tell every MoLE layer which tokens of the next forward are the prompt ((B, S) bool/0-1, or None).
+
+    Used by ``routing_level: sample`` only (``mole_ds.mole.sample_routing``); set it before every training
+    forward (e.g. ``prompt_mask_from_labels(labels, attention_mask)``) and for scoring a continuation in one
+    forward. None (the default): the whole input of a forward is the prompt (generation)."""
+    layers = mole_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no MoLE layers; call mole_ds.patch_model first")
+    for layer in layers:
+        layer.prompt_mask = prompt_mask_BS
+
+
 def _mask_hook():
     # Decoder MLPs never see the attention mask; hand it to them before the decoder stack runs, so pad
     # tokens count neither in the balance loss nor in the routing statistics. The layers are looked up on the

@@ -12,8 +12,7 @@ import torch.nn as nn
 
 from ..answers import answers_match
 from ..mole.collect import routing_counts_by_sample
-from ..mole.sample_routing import set_prompt_mask
-from ..patching import set_sample_domains
+from ..patching import set_prompt_mask, set_sample_domains
 from .decoding import greedy_ids
 from .prompts import encode_prompt, length_batches, model_inputs, pad_batch, pad_token_id
 

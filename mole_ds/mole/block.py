@@ -57,7 +57,7 @@ class MoLEMLP(nn.Module):
         self.sample_domains: torch.Tensor | None = None
         """(B,) domain id per sample of the next forward (set by ``mole_ds.set_sample_domains``; oracle routing)."""
         self.prompt_mask: torch.Tensor | None = None
-        """(B, S) prompt tokens of the next forward (``mole.sample_routing.set_prompt_mask``; sample routing)."""
+        """(B, S) prompt tokens of the next forward (``mole_ds.set_prompt_mask``; sample routing)."""
         self.sample_logits_BE: torch.Tensor | None = None
         """Sample routing: the last prompt step's per-sample logits, reused by KV-cache decoding steps."""
         self.last_stats: RoutingStats | None = None

@@ -7,7 +7,7 @@ rows, so expert parallelism needs nothing new.
 
 Algorithm of :func:`sample_logits_TE` (called by ``MoLEMLP.forward``):
   1. Which tokens are the prompt: the real tokens (attention mask 1) of this forward, restricted to the
-     layer's ``prompt_mask`` when one is set (:func:`set_prompt_mask`; in training it must be set, because
+     layer's ``prompt_mask`` when one is set (``mole_ds.set_prompt_mask``; in training it must be set, because
      the input then also holds the answer, which routing must not see: :func:`prompt_mask_from_labels` gives
      "real tokens before the first supervised one"). Without a prompt mask, in eval mode, the whole input is
      the prompt: that is the first step of generation.
@@ -23,7 +23,6 @@ Algorithm of :func:`sample_logits_TE` (called by ``MoLEMLP.forward``):
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 
 def prompt_mask_from_labels(labels_BS: torch.Tensor, attention_mask_BS: torch.Tensor | None = None) -> torch.Tensor:
@@ -36,21 +35,6 @@ def prompt_mask_from_labels(labels_BS: torch.Tensor, attention_mask_BS: torch.Te
     if attention_mask_BS is not None:
         before_BS = before_BS & attention_mask_BS.bool()
     return before_BS
-
-
-def set_prompt_mask(model: nn.Module, prompt_mask_BS: torch.Tensor | None) -> None:
-    """Tell every MoLE layer which tokens of the next forward are the prompt ((B, S) bool/0-1, or None).
-
-    Used by ``routing_level: sample`` only; set it before every training forward (e.g.
-    ``prompt_mask_from_labels(labels, attention_mask)``) and for scoring a continuation in one forward.
-    None (the default): the whole input of a forward is the prompt (generation)."""
-    found = False
-    for m in model.modules():
-        if hasattr(m, "prompt_mask") and hasattr(m, "sample_logits_BE"):  # a MoLEMLP (block imports this module)
-            m.prompt_mask = prompt_mask_BS
-            found = True
-    if not found:
-        raise ValueError(f"{type(model).__name__} has no MoLE layers; call mole_ds.patch_model first")
 
 
 def pool_prompt_BD(x_BSD: torch.Tensor, pool_BS: torch.Tensor) -> torch.Tensor:
@@ -81,7 +65,7 @@ def sample_logits_TE(layer, x_TD: torch.Tensor, B: int, S: int) -> torch.Tensor:
             pool_BS = pool_BS * pm.to(device=x_TD.device, dtype=pool_BS.dtype)
         elif layer.training:
             raise ValueError("mole.routing_level ('sample') needs the prompt span in training (the input also "
-                             "holds the answer): call mole_ds.mole.sample_routing.set_prompt_mask(model, "
+                             "holds the answer): call mole_ds.set_prompt_mask(model, "
                              "prompt_mask_from_labels(labels, attention_mask)) before the forward")
         logits_BE = layer.router(pool_prompt_BD(x_TD.view(B, S, -1), pool_BS))  # steps 2-3
         if not layer.recomputing:
@@ -89,4 +73,4 @@ def sample_logits_TE(layer, x_TD: torch.Tensor, B: int, S: int) -> torch.Tensor:
     return logits_BE[:, None, :].expand(B, S, E).reshape(B * S, E)
 
 
-__all__ = ["pool_prompt_BD", "prompt_mask_from_labels", "sample_logits_TE", "set_prompt_mask"]
+__all__ = ["pool_prompt_BD", "prompt_mask_from_labels", "sample_logits_TE"]

@@ -25,8 +25,7 @@ from mole_ds.config import MoLEConfig
 from mole_ds.demo.conflict import ConflictTask
 from mole_ds.models.tiny import build_tiny_llama
 from mole_ds.mole.collect import aux_loss, routing_counts_by_sample
-from mole_ds.mole.sample_routing import set_prompt_mask
-from mole_ds.patching import patch_model, set_sample_domains
+from mole_ds.patching import patch_model, set_prompt_mask, set_sample_domains
 from mole_ds.routing_table import RoutingTable
 
 

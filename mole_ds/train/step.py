@@ -35,8 +35,8 @@ import torch.distributed as dist
 
 from ..inference.scoring import exact_match_batch
 from ..mole.collect import aux_loss
-from ..mole.sample_routing import prompt_mask_from_labels, set_prompt_mask
-from ..patching import mole_layers, set_sample_domains
+from ..mole.sample_routing import prompt_mask_from_labels
+from ..patching import mole_layers, set_prompt_mask, set_sample_domains
 
 MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values")
 

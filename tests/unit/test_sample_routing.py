@@ -17,7 +17,8 @@ from mole_ds import MoLEConfig, aux_losses, mole_layers, patch_model, routing_co
 from mole_ds.export import load_mole, save_consolidated
 from mole_ds.mole.dispatch import LocalDispatcher, get_backend
 from mole_ds.mole.losses import RoutingStats, mi_loss
-from mole_ds.mole.sample_routing import prompt_mask_from_labels, set_prompt_mask
+from mole_ds.mole.sample_routing import prompt_mask_from_labels
+from mole_ds.patching import set_prompt_mask
 from mole_ds.models.tiny import build_tiny_llama, build_tiny_llava
 from mole_ds.parallel import apply_activation_checkpointing
 from tests.support import llava_inputs
