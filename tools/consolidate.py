@@ -21,7 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mole_ds.checkpoint import consolidate, resolve_tag
+from mole_ds.checkpoint import consolidate_tag, resolve_tag
 from mole_ds.inference import write_full_model
 
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         tag = resolve_tag(args.checkpoint)
-        path = consolidate(tag, args.out)
+        path = consolidate_tag(tag, args.out)
         print(f"source: {tag}")
         print(f"wrote {path}")
         if args.full:

@@ -30,7 +30,12 @@ from mole_ds.peft_export import export_peft_adapters
 
 def export(src: str | Path, out: str | Path, peft: bool = False) -> list[Path]:
     """Do the export (see the module docstring); returns every path written."""
-    path = resolve_consolidated(src)
+    return export_resolved(resolve_consolidated(src), out, peft)
+
+
+def export_resolved(path: Path, out: str | Path, peft: bool = False) -> list[Path]:
+    """:func:`export` of a consolidated file already resolved (and its checkpoint verified) by
+    ``mole_ds.checkpoint.resolve_consolidated``: the tag's files are hashed once, not twice."""
     state, cfg, extra = read_consolidated(path)  # validates the format before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -65,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         src = resolve_consolidated(args.input)
-        written = export(src, args.out, peft=args.peft)
+        written = export_resolved(src, args.out, peft=args.peft)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -28,7 +28,12 @@ def consolidate(src: str | Path, out: str | Path, dtype: torch.dtype | None = No
     (resolved and verified by :func:`mole_ds.checkpoint.resolve_tag`): every trainable tensor in full, as
     training's own consolidated file. ``dtype``: the tensors' dtype (default: the dtype recorded in the
     marker, else float32)."""
-    tag = resolve_tag(src)
+    return consolidate_tag(resolve_tag(src), out, dtype)
+
+
+def consolidate_tag(tag: Path, out: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """:func:`consolidate` of a tag already resolved and verified by ``resolve_tag`` (its files are hashed
+    once, not again here)."""
     state = read_full_state(tag, moments=False)
     if dtype is None:
         dtype = getattr(torch, read_marker(tag).get("param_dtype", "float32"))
@@ -40,4 +45,4 @@ def consolidate(src: str | Path, out: str | Path, dtype: torch.dtype | None = No
     return write_consolidated(out, tensors, cfg, extra)
 
 
-__all__ = ["consolidate", "consolidated_metadata"]
+__all__ = ["consolidate", "consolidate_tag", "consolidated_metadata"]
