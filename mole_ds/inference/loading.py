@@ -20,6 +20,7 @@ from ..data.chat import chat_tokenizer, check_chat_format
 from ..export import load_mole
 from ..mole.experts import is_expert_name
 from ..patching import PatchReport, find_language_model
+from ..runtime import bound_cpu_kernel_caches
 
 DEFAULT_CHAT_FORMAT = "vicuna_v1"
 SUPPORTED_MODEL_TYPES = {"llava": "LLaVA with a Llama language model", "llama": "Llama causal LM"}
@@ -128,6 +129,7 @@ def load_for_inference(export: str | Path, base: str | Path | None = None, *, dt
     ``export`` is a ``mole.safetensors``, a directory holding one or a training output_dir (newest complete
     checkpoint). ``chat_format`` overrides the one recorded in the export. Errors (FileNotFoundError /
     ValueError) name the path and the offending values."""
+    bound_cpu_kernel_caches()  # prompts of every length: one kernel per shape (mole_ds.runtime)
     path = resolve_consolidated(export)
     state, cfg, extra = read_consolidated(path)
     base = base or extra.get("base_model")

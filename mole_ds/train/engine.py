@@ -17,7 +17,7 @@ from ..parallel.deepspeed_compat import (check_deepspeed_version, coalesce_persi
 from ..config import MoLEConfig
 from ..mole.experts import is_expert_name
 from ..patching import PatchReport
-from ..runtime import rank, world_size
+from ..runtime import bound_cpu_kernel_caches, rank, world_size
 from .config import RunConfig
 from .model_loading import build_model, cast_unpartitioned, ds_stage, model_dtype, resolve_precision
 
@@ -138,6 +138,7 @@ def setup_training(cfg: RunConfig, ds: dict, total_steps: int | None = None,
     MoLE patch (this rank's experts only), optimizer, schedule, ``deepspeed.initialize``."""
     import deepspeed
 
+    bound_cpu_kernel_caches()  # before the first matmul of this process (mole_ds.runtime)
     check_deepspeed_version()
     ds, precision = resolve_precision(ds)
     if rank() == 0:

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from ..runtime import bound_cpu_kernel_caches
+
 
 def launch_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     """A copy of ``environ`` (default: this process's) with the defaults filled in:
@@ -19,6 +21,8 @@ def launch_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     * TORCH_EXTENSIONS_DIR: a cache of this interpreter's own for DeepSpeed's JIT-built ops, so two
       environments on one machine do not rebuild the op over each other (minutes each on a small CPU).
     * DS_ACCELERATOR=cpu when torch sees no CUDA device (DeepSpeed otherwise probes for accelerators).
+    * ONEDNN_PRIMITIVE_CACHE_CAPACITY, LRU_CACHE_CAPACITY: the CPU matmul caches bounded
+      (:func:`mole_ds.runtime.bound_cpu_kernel_caches`, which says why).
     """
     env = dict(os.environ if environ is None else environ)
     env.setdefault("OMP_NUM_THREADS", "1")
@@ -26,6 +30,7 @@ def launch_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("PYTHONUNBUFFERED", "1")
+    bound_cpu_kernel_caches(env)
     prefix = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions_by_prefix" / prefix))
     if "DS_ACCELERATOR" not in env:
