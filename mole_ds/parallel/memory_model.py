@@ -132,9 +132,10 @@ PRESETS: dict[str, Device] = {
     # This machine: 2 CPU ranks over gloo, 1 thread each (tools/bench_plan.py, docs/scaling.md). FLOP/s: a bf16
     # matmul at the stand-ins' MLP shape, 1 thread (208 GFLOP/s); MFU 0.33: measured step / predicted at MFU 1 on
     # the 254M stand-in (the 457M one then predicts within 6%). Runtime: resident set after imports + gloo
-    # (385 MiB) + the stack's own memory above it in a step of the tiny model (246 MiB). No allocator factor: glibc's
-    # retained heap is not a constant factor (docs/scaling.md).
-    "cpu-gloo-here": Device("cpu-gloo-here", "cpu", 208e9, 0.33, None, 631 * MiB, 1.0, "pcie_eth100", 0,
+    # (381 MiB) + the stack's own memory above it in a step of the tiny model (183 MiB, with the CPU matmul caches
+    # bounded by mole_ds.runtime.bound_cpu_kernel_caches). No allocator factor: with freed memory returned to the
+    # system the resident set follows the live tensors (docs/scaling.md).
+    "cpu-gloo-here": Device("cpu-gloo-here", "cpu", 208e9, 0.33, None, 564 * MiB, 1.0, "pcie_eth100", 0,
                             "measured on this 2-core VM (tools/bench_plan.py); link figures: use calibrate()"),
 }
 
