@@ -189,6 +189,21 @@ def _task(cfg: ConflictConfig, variant: str, seed: int):
     return text_task(task, load_pretrained(cfg.base_layers)[1])
 
 
+def salience_of(cfg: ConflictConfig) -> list[dict]:
+    """:func:`mole_ds.studies.salience.salience` of the frozen base of every (variant, seed) of ``cfg``, with
+    ``variant`` and ``seed`` in each row (no training)."""
+    from .conflict_train import build_base
+    from .salience import salience
+
+    rows = []
+    for v in cfg.variants:
+        for seed in cfg.seeds:
+            task = _task(cfg, v, seed)
+            model = build_base(task, cfg.settings(), seed).eval()
+            rows += [{"variant": v, "seed": seed, **r} for r in salience(model, task, experts=cfg.experts, seed=seed)]
+    return rows
+
+
 def _record_path(cfg: ConflictConfig, variant: str, run: ArmRun, seed: int) -> Path:
     tail = f"_d{run.train_domains[0]}" if run.arm == "per_domain" else ""
     return Path(cfg.out) / "runs" / variant / run.arm / f"seed{seed}{tail}.json"

@@ -217,3 +217,26 @@ def test_quick_study_learns_and_routes_as_defined(tmp_path):
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert again.returncode == 0 and " steps " not in again.stdout, again.stdout[-2000:]
     assert json.loads((out / "results.json").read_text())["cells"] == res["cells"]
+
+
+def test_salience_measures_what_a_sample_router_sees():
+    """mole_ds.studies.salience on known data, then on the toy base: the domain's variance share and a k-means
+    split's information about it are measured, not assumed."""
+    from mole_ds.studies.conflict_train import TrainSettings, build_base
+    from mole_ds.studies.salience import kmeans, salience, variance_share
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(3).repeat(40)
+    centres = torch.tensor([[10.0, 0.0], [0.0, 10.0], [-10.0, -10.0]])
+    X = centres[labels] + 0.1 * torch.randn(120, 2, generator=g)
+    assert variance_share(X, labels) > 0.99
+    assert variance_share(torch.randn(120, 2, generator=g), labels) < 0.1
+    ids = kmeans(X + 1000.0, 3)  # a common offset changes nothing for k-means
+    assert mutual_information_bits([[float(((labels == d) & (ids == e)).sum()) for e in range(3)]
+                                    for d in range(3)]) == pytest.approx(math.log2(3))
+    task = make_task("rule", 3, 8, seed=0)
+    rows = salience(build_base(task, TrainSettings(), 0).eval(), task, samples=96)
+    assert [r["layer"] for r in rows] == [0, 1]
+    for r in rows:
+        assert 0.0 < r["domain_r2"] < 1.0 and len(r["slot_r2"]) == 3 and r["mean_to_spread"] > 0
+        assert 0.0 <= r["kmeans_mi_bits"] <= r["max_bits"] + 1e-9
