@@ -97,6 +97,11 @@ class MoLEConfig:
     """Router logits are divided by this before the softmax (< 1: sharper p, larger task gradient)."""
     router_input_norm: bool = False
     """Scale the router's input to unit RMS (no weights) before the router Linear."""
+    router_center: bool = False
+    """Center the router's weight gradient on the batch (``mole_ds.mole.router.TopKRouter``): in training, the
+    router's input rows (tokens, or pooled prompts under routing_level 'sample') enter its weight gradient
+    minus their micro-batch mean, while its output is the plain Linear's. For inputs that share a large
+    common component (every prompt's template). No state: exports and inference are unchanged."""
     router_noise: float = 0.0
     """Std of Gaussian noise added to the router logits in training mode (exploration); 0 = none. Under
     activation checkpointing the recompute redraws the same noise (the RNG state is restored)."""
@@ -166,7 +171,7 @@ class MoLEConfig:
         _choice("balance_loss", BALANCE_LOSSES)
         _choice("backend", BACKENDS)
         _choice("routing_level", ROUTING_LEVELS)
-        for name in ("attn_lora", "train_projector", "router_input_norm"):
+        for name in ("attn_lora", "train_projector", "router_input_norm", "router_center"):
             if not isinstance(getattr(self, name), bool):
                 p.append(f"mole.{name} ({getattr(self, name)!r}) must be true or false")
         return p

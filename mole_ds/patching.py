@@ -91,18 +91,38 @@ def set_prompt_mask(model: nn.Module, prompt_mask_BS) -> None:
         layer.prompt_mask = prompt_mask_BS
 
 
+def _past_length(kwargs: dict) -> int:
+    """Positions already in the KV cache a decoder forward continues (0: none, or no cache).
+
+    The cache is ``cache`` (transformers >= 5) or ``past_key_values``; a ``Cache`` object tells its length, a
+    legacy tuple cache holds (key, value) per layer, keys (B, heads, past, head_dim)."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    if isinstance(cache, (tuple, list)) and cache and cache[0] is not None and len(cache[0]):
+        return int(cache[0][0].shape[-2])
+    return 0
+
+
 def _mask_hook():
     # Decoder MLPs never see the attention mask; hand it to them before the decoder stack runs, so pad
     # tokens count neither in the balance loss nor in the routing statistics. The layers are looked up on the
     # module the hook runs on, not captured: a deep copy of a patched model then feeds its own layers.
+    # Sample routing also needs to know whether the forward continues a KV cache (a decoding step): the mask
+    # alone cannot tell, since generate drops an all-ones mask (no padding, e.g. batch 1) and passes None.
     def hook(module, args, kwargs):
         mask = kwargs.get("attention_mask")
         if mask is None and len(args) > 1:
             mask = args[1]
         if mask is not None and mask.dim() != 2:
             mask = None  # a custom 4D mask has no per-token padding to read; count every token
-        for layer in mole_layers(module):
+        layers = mole_layers(module)
+        past = _past_length(kwargs) if any(m.config.routing_level == "sample" for m in layers) else 0
+        for layer in layers:
             layer.token_mask = mask
+            layer.past_length = past
     return hook
 
 

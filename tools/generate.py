@@ -17,7 +17,9 @@ A thin CLI over :mod:`mole_ds.inference` (the library the lmms-eval plugin uses 
   3. --show-routing: ``RoutingRecorder`` keeps, per decoding step, the top-k experts of the last input position,
      i.e. of the position whose logits produced that step's token (the prompt's last token for step 0, the
      previous generated token afterwards). One line per generated token, layer 0 first, each expert with its
-     router probability.
+     router probability. Under ``routing_level: sample`` each layer decides once per sample, from the pooled
+     prompt, at the prompt step (the only router call: decoding steps reuse it); every token follows that
+     decision, so every line shows it, and the header says the decision is per sample.
 """
 from __future__ import annotations
 
@@ -98,13 +100,21 @@ def run(args) -> int:
             recorder.remove()
     new_ids = out.token_ids[0]
     if recorder is not None:
-        if len(recorder.steps) < len(new_ids):
+        per_sample = cfg.routing_level == "sample" and cfg.routing != "oracle"
+        needed = 1 if per_sample else len(new_ids)  # sample level: the router runs at the prompt step only
+        if len(recorder.steps) < needed:
             raise RuntimeError(f"routing was recorded for {len(recorder.steps)} forward passes but "
                                f"{len(new_ids)} tokens were generated")
-        print(f"routing: top-{cfg.top_k} expert(s) per MoLE layer (router probability) at the position that "
-              f"produced each token ({cfg.routing} routing)")
+        if per_sample:
+            print(f"routing: top-{cfg.top_k} expert(s) per MoLE layer (router probability), one decision per "
+                  f"sample and MoLE layer (routing_level sample: made from the pooled prompt; every token "
+                  f"follows it) ({cfg.routing} routing)")
+        else:
+            print(f"routing: top-{cfg.top_k} expert(s) per MoLE layer (router probability) at the position that "
+                  f"produced each token ({cfg.routing} routing)")
         for step, token_id in enumerate(new_ids):
-            print(format_routing(step, token_id, m.tokenizer.decode([token_id]), recorder.steps[step]))
+            record = recorder.steps[0 if per_sample else step]
+            print(format_routing(step, token_id, m.tokenizer.decode([token_id]), record))
     print(f"ASSISTANT: {out.texts[0]}")
     return 0
 

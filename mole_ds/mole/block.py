@@ -47,7 +47,7 @@ class MoLEMLP(nn.Module):
         factory = {"dtype": w.dtype, "device": w.device}
         self.router = TopKRouter(hidden, config.num_experts, config.top_k, config.routing,
                                  temperature=config.router_temperature, input_norm=config.router_input_norm,
-                                 noise=config.router_noise, **factory)
+                                 noise=config.router_noise, center=config.router_center, **factory)
         n_local = config.num_experts if num_local_experts is None else num_local_experts
         self.experts = LoRAExperts(n_local, hidden, inter, config.rank, expert_offset, layer_idx, **factory)
         self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
@@ -58,6 +58,9 @@ class MoLEMLP(nn.Module):
         """(B,) domain id per sample of the next forward (set by ``mole_ds.set_sample_domains``; oracle routing)."""
         self.prompt_mask: torch.Tensor | None = None
         """(B, S) prompt tokens of the next forward (``mole_ds.set_prompt_mask``; sample routing)."""
+        self.past_length = 0
+        """Positions in the KV cache the next forward continues (0: none), set with ``token_mask`` by the hook
+        ``patch_model`` puts on the language model; sample routing reuses its decision when it is > 0."""
         self.sample_logits_BE: torch.Tensor | None = None
         """Sample routing: the last prompt step's per-sample logits, reused by KV-cache decoding steps."""
         self.last_stats: RoutingStats | None = None

@@ -39,7 +39,8 @@ class TopKRouter(nn.Linear):
     """
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, routing: str, *,
-                 temperature: float = 1.0, input_norm: bool = False, noise: float = 0.0, **factory) -> None:
+                 temperature: float = 1.0, input_norm: bool = False, noise: float = 0.0, center: bool = False,
+                 **factory) -> None:
         super().__init__(hidden_size, num_experts, bias=True, **factory)
         self.num_experts = num_experts
         self.top_k = top_k
@@ -47,9 +48,16 @@ class TopKRouter(nn.Linear):
         self.temperature = float(temperature)
         self.input_norm = bool(input_norm)
         self.noise = float(noise)
+        self.center = bool(center)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """fp32 logits: ``linear(x / rms(x) if input_norm) / temperature`` plus N(0, noise^2) in training mode.
+        With ``center`` in training mode (and more than one row) the logits are ``W (x - m) + stopgrad(W m) + b``,
+        m the rows' mean (detached): the same value as ``W x + b``, but the weight's gradient is
+        ``sum_i g_i (x_i - m)^T`` instead of ``sum_i g_i x_i^T``. When every row shares a large component (the
+        template of every prompt: 8-25x the rows' spread in a pretrained LM, docs/conflict_study.md), the plain
+        gradient mostly moves all rows' logits together; the centered one moves them apart. Per micro-batch
+        (like the MI term's batch mean), so with one row per micro-batch nothing changes.
         Returning a plain tensor matters: ZeRO-3 re-gathers a module's weights for backward through hooks on
         its tensor outputs."""
         # fp32 routing: bf16 logits flip argmax decisions between otherwise identical runs.
@@ -59,7 +67,12 @@ class TopKRouter(nn.Linear):
                 # Parameter-free RMS scaling: the router's step size then does not depend on the hidden-state
                 # scale, which differs between layers and (for pooled prompts) between prompt lengths.
                 x = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6)
-            logits = F.linear(x, self.weight.float(), self.bias.float())
+            if self.center and self.training and x.shape[0] > 1:
+                w = self.weight.float()
+                m = x.mean(0, keepdim=True).detach()
+                logits = F.linear(x - m, w, self.bias.float()) + F.linear(m, w).detach()
+            else:
+                logits = F.linear(x, self.weight.float(), self.bias.float())
             if self.temperature != 1.0:
                 logits = logits / self.temperature
             if self.training and self.noise > 0:
@@ -103,5 +116,6 @@ class TopKRouter(nn.Linear):
     def extra_repr(self) -> str:
         extra = "".join(f", {k}={v}" for k, v, d in (("temperature", self.temperature, 1.0),
                                                      ("input_norm", self.input_norm, False),
-                                                     ("noise", self.noise, 0.0)) if v != d)
+                                                     ("noise", self.noise, 0.0),
+                                                     ("center", self.center, False)) if v != d)
         return f"{super().extra_repr()}, top_k={self.top_k}, routing={self.routing}{extra}"

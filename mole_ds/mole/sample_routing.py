@@ -14,9 +14,11 @@ Algorithm of :func:`sample_logits_TE` (called by ``MoLEMLP.forward``):
   2. Pool: the fp32 mean of the layer's MLP input over those tokens, (B, D).
   3. Route the pooled vector (the layer's router, with its temperature / norm / noise): (B, E) logits; every
      token of sample b gets sample b's logits, so the ordinary routing modes turn them into per-token rows.
-  4. Generation with a KV cache: a step whose attention mask is longer than its input continues earlier
-     steps; it reuses the logits the layer kept from the step that saw the prompt (kept per sample until the
-     next step that starts a sequence). So generate's routing equals a full forward's with the prompt mask.
+  4. Generation with a KV cache: a step that continues a cache (the layer's ``past_length`` > 0, or an
+     attention mask longer than its input) continues earlier steps; it reuses the logits the layer kept from
+     the step that saw the prompt (kept per sample until the next step that starts a sequence). So generate's
+     routing equals a full forward's with the prompt mask. (The mask alone does not tell: generate passes
+     no mask when it is all ones, e.g. batch 1; each decoding step would then route its one new token.)
      A recompute under activation checkpointing re-runs step 1-3 on the same input and masks (the cache is
      neither read nor written there).
 """
@@ -48,12 +50,14 @@ def sample_logits_TE(layer, x_TD: torch.Tensor, B: int, S: int) -> torch.Tensor:
     """Steps 1-4 for one MoLE layer (``layer``: a MoLEMLP): per-token fp32 logits, equal within a sample."""
     E = layer.config.num_experts
     m = layer.token_mask
-    if m is not None and m.dim() == 2 and m.shape[1] > S:  # step 4: a KV-cache step continues a sequence
+    past = layer.past_length
+    if past > 0 or (m is not None and m.dim() == 2 and m.shape[1] > S):  # step 4: a KV-cache step
         cached = layer.sample_logits_BE
         if cached is None or cached.shape[0] != B:
+            seen = past if past > 0 else m.shape[1] - S
             raise ValueError(f"MoLE layer {layer.layer_idx}: routing_level 'sample' got a cached-decoding step "
-                             f"(attention mask of length {m.shape[1]} for {S} new tokens) without a prompt step "
-                             f"of the same batch ({B}) before it")
+                             f"({S} new tokens after {seen} cached) without a prompt step of the same batch "
+                             f"({B}) before it")
         logits_BE = cached.to(x_TD.device)
     else:
         pool_BS = layer._mask_BS(B, S, x_TD.device)  # step 1

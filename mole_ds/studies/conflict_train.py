@@ -45,6 +45,10 @@ RECIPES: dict[str, dict] = {
     "st_sample_mi_noise": {"routing": "st", "routing_level": "sample", "mi_coef": MI, "router_noise": 1.0},
     "sparse_sample_mi_lr": {"routing": "sparse", "routing_level": "sample", "mi_coef": MI,
                             "router_input_norm": True, "router_lr_mult": 10.0},
+    "sparse_sample_mi_center": {"routing": "sparse", "routing_level": "sample", "mi_coef": MI, "router_center": True},
+    "st_sample_mi_center": {"routing": "st", "routing_level": "sample", "mi_coef": MI, "router_center": True},
+    "sparse_sample_mi_center_lr": {"routing": "sparse", "routing_level": "sample", "mi_coef": MI,
+                                   "router_center": True, "router_lr_mult": 10.0},
 }
 """The v3 learned-routing arms (``mole_<name>``), see docs/conflict_study.md."""
 

@@ -56,6 +56,40 @@ def test_resumed_on_another_layout_equals_uninterrupted(runs, name):
         torch.testing.assert_close(sb[k], sa[k], rtol=1e-4, atol=1e-4, msg=k)
 
 
+# Sample-level routing with the MI objective, as in test_expert_parallel's sample-routing runs (the same
+# arguments, so the same launches: the ep-2 writer and the ep-1 reference are shared). The MI loss is a statistic
+# of each rank's own batch, so a resume continues the same training only on the same data split: 2 ranks, here
+# with the experts replicated (ep 1) instead of split (ep 2).
+SAMPLE_ROUTING = ("--routing", "sparse", "--routing-level", "sample", "--mi-coef", "0.1")
+
+
+@pytest.fixture(scope="module")
+def sample_runs(worker_run):
+    """The three launches of the sample-routing resume (their own fixture: selecting this test does not start
+    every run of the module)."""
+    r = {"w2_ep2": worker_run(2, "--stage", "3", "--ep", "2", "--save-at", "2", *SAMPLE_ROUTING),
+         "w2_ep1": worker_run(2, "--stage", "3", "--ep", "1", *SAMPLE_ROUTING)}
+    ck = r["w2_ep2"] / "checkpoints" / TAG
+    r["w2_ep2_to_w2_ep1"] = worker_run(2, "--stage", "3", "--ep", "1", "--resume", str(ck), *SAMPLE_ROUTING)
+    return r
+
+
+def test_sample_routing_resumed_on_another_layout_equals_uninterrupted(sample_runs):
+    got = worker_losses(sample_runs["w2_ep2_to_w2_ep1"])
+    assert got["start"] == 2 and len(got["losses"]) == 2
+    assert "re-slicing weights and Adam state" in log_of(sample_runs["w2_ep2_to_w2_ep1"]).read_text()
+    # Against the run that wrote the checkpoint (ep 2) and the uninterrupted run of the new layout (ep 1).
+    for name in ("w2_ep2", "w2_ep1"):
+        ref = worker_losses(sample_runs[name])
+        torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"][2:]), rtol=0, atol=1e-4)
+        assert got["counts"] == ref["counts"], name  # the same experts for every sample at the last step
+        sa = load_file(str(sample_runs[name] / "final.safetensors"))
+        sb = load_file(str(sample_runs["w2_ep2_to_w2_ep1"] / "final.safetensors"))
+        assert set(sa) == set(sb) and any(".router." in k for k in sa)
+        for k in sa:
+            torch.testing.assert_close(sb[k], sa[k], rtol=1e-4, atol=1e-4, msg=f"{name}: {k}")
+
+
 def test_writers_match_reference_up_to_the_checkpoint(runs):
     ref = worker_losses(runs["ref"])["losses"]
     for name in ("w2_ep2", "w1_ep1"):

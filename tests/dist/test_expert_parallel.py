@@ -72,6 +72,38 @@ def test_sharded_run_equals_single_process(runs, name, ref):
     assert max(float(v.abs().max()) for k, v in init.items() if k.endswith("_B")) > 1e-3
 
 
+# Sample-level routing (mole.routing_level 'sample': one expert per sample and layer, chosen from the pooled
+# prompt) with the mutual-information objective. The MI loss is a statistic of the rank's own batch
+# (H(mean_b p_b) over the rank's samples), like every aux loss a per-rank term: its reference is the same
+# 2-rank data split with replicated experts (ep 1), not the 1-process run. The ep-2 run also writes the step-2
+# checkpoint tests/dist/test_elastic.py resumes on another layout (the same launches, shared).
+SAMPLE_ROUTING = ("--routing", "sparse", "--routing-level", "sample", "--mi-coef", "0.1")
+SAMPLE_TOKENS = 1 + 16 + 12  # every token of a worker sample (BOS, image, text) follows the sample's expert
+
+
+@pytest.fixture(scope="module")
+def sample_runs(worker_run):
+    """Two launches of their own (so that selecting these tests does not start every run of the module)."""
+    return {"dp": worker_run(2, "--stage", "3", "--ep", "1", *SAMPLE_ROUTING),
+            "ep2": worker_run(2, "--stage", "3", "--ep", "2", "--save-at", "2", *SAMPLE_ROUTING)}
+
+
+def test_sample_routing_under_expert_parallel_equals_replicated_experts(sample_runs):
+    ref, got = worker_losses(sample_runs["dp"]), worker_losses(sample_runs["ep2"])
+    assert len(got["losses"]) == 4
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=0, atol=1e-5)
+    _assert_same_state(sample_runs["dp"], sample_runs["ep2"], atol=1e-4)
+    counts = torch.tensor(got["counts"])  # (layers, E) of the last step, over both ranks
+    assert counts.tolist() == ref["counts"]
+    # One decision per sample and layer: whole samples per expert, every sample of the step counted once.
+    assert bool((counts % SAMPLE_TOKENS == 0).all()) and counts.sum(-1).tolist() == [4 * SAMPLE_TOKENS] * 2
+    # Samples went to experts of both ep ranks (experts 0-1 on ep rank 0, 2-3 on ep rank 1): rows crossed ranks.
+    assert counts[:, :2].sum() > 0 and counts[:, 2:].sum() > 0
+    # The weights did move (the comparison is not between two untouched initialisations).
+    final = load_file(str(sample_runs["dp"] / "final.safetensors"))
+    assert max(float(v.abs().max()) for k, v in final.items() if k.endswith("_B")) > 1e-3
+
+
 def test_tokens_cross_ranks_in_weighted_run(runs):
     counts = torch.tensor(worker_losses(runs["z3_w4_ep2"])["counts"])  # (layers, E) over all ranks
     # Experts 0-1 live on ep rank 0, 2-3 on ep rank 1: both halves receive tokens from every rank's batch.

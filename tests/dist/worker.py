@@ -27,7 +27,7 @@ from mole_ds.train.checkpoint import load_checkpoint, save_training_checkpoint
 from mole_ds.train.shm import release_own_shm_buffer
 from mole_ds.train.config import ModelSection, RunConfig, TrainSection
 from mole_ds.train.engine import setup_training
-from mole_ds.train.step import exact_match_step, train_step
+from mole_ds.train.step import exact_match_step, forward, train_step
 from mole_ds.train.zero3 import VisionSync
 
 GLOBAL_BATCH = 4
@@ -68,6 +68,8 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--routing", default="weighted")
     ap.add_argument("--top-k", type=int, default=1)
+    ap.add_argument("--routing-level", default="token", help="mole.routing_level: token | sample")
+    ap.add_argument("--mi-coef", type=float, default=0.0, help="mole.mi_coef")
     ap.add_argument("--force-expert", type=int, default=-1)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--save-at", type=int, default=0)
@@ -90,7 +92,8 @@ def main() -> None:
     cfg = RunConfig(
         model=ModelSection(tiny_layers=2, tiny_hidden=32),
         mole=MoLEConfig(num_experts=args.experts, top_k=args.top_k, rank=4, alpha=8.0, dropout=args.dropout,
-                        routing=args.routing, ep_size=args.ep, balance_coef=0.01, z_loss_coef=0.001),
+                        routing=args.routing, routing_level=args.routing_level, mi_coef=args.mi_coef,
+                        ep_size=args.ep, balance_coef=0.01, z_loss_coef=0.001),
         train=TrainSection(lr=1e-2, warmup_steps=0, min_lr_ratio=1.0, max_steps=args.steps, seed=0,
                            gradient_checkpointing=args.grad_ckpt))
     zero = {"stage": args.stage}
@@ -175,7 +178,9 @@ def main() -> None:
             io = {}
             hook = mole_layers(model)[0].register_forward_hook(
                 lambda m, a, y: io.update(x=a[0].detach().cpu(), y=y.detach().cpu()))
-            logits = engine(**mine).logits
+            # train_step's own forward: with no labels it clears the last step's prompt mask (sample routing
+            # then pools the whole probe input, as the export's plain forward does).
+            logits = forward(engine, mine).logits
             hook.remove()
         torch.save(logits.detach().cpu(), out / f"logits_rank{rank}.pt")
         torch.save(io, out / f"mlp0_io_rank{rank}.pt")

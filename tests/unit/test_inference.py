@@ -185,6 +185,59 @@ def test_oracle_export_needs_domains(tmp_path):
     assert a.routing[1][:, 1].sum() > 0 and a.routing[1][:, [0, 2]].sum() == 0
 
 
+def test_show_routing_under_sample_routing_gives_every_token_the_samples_experts(tiny, tmp_path, capsys):
+    """tools/generate.py --show-routing of a routing_level 'sample' export: each layer decides once per sample,
+    from the pooled prompt (the prompt step; cached-decoding steps reuse it and never call the router), and every
+    generated token follows that decision. The table says so and shows the decision on every token's line: the
+    expert a full forward over prompt + reply (prompt mask on the prompt) routes every token to, with the router
+    probability of the pooled prompt; that forward's greedy tokens are the generated ones (batch 1: generate
+    passes no attention mask, and the decoding steps must still be recognised as such)."""
+    import importlib.util
+    import re
+
+    from mole_ds import MoLEConfig, mole_layers, routing_counts_by_sample, save_consolidated, set_prompt_mask
+    from tests.support import ROOT
+
+    tm = inference.load_for_inference(tiny[1])  # the token-level export's weights, re-exported at sample level
+    cfg = MoLEConfig(**{**tm.config.to_dict(), "routing_level": "sample"})
+    path = save_consolidated(tm.model, tmp_path / "sample" / "mole.safetensors", cfg,
+                             extra={"base_model": str(tiny[0])})
+    img = tmp_path / "red.png"
+    IMAGES[0][0].save(img)
+    spec = importlib.util.spec_from_file_location("_tool_generate", ROOT / "tools" / "generate.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert gen.main([str(path), "--prompt", QUESTIONS[0], "--image", str(img), "--max-new-tokens", "4",
+                     "--show-routing"]) == 0
+    out = capsys.readouterr().out
+    assert "one decision per sample and MoLE layer" in out
+    steps = [re.match(r"step\s+(\d+) token\s+(\d+) .*: (L0=e(\d)\((\d\.\d\d)\) L1=e(\d)\((\d\.\d\d)\))$", ln)
+             for ln in out.splitlines() if ln.startswith("step")]
+    assert len(steps) == 4 and all(steps), out  # a line for every generated token (was: an error after step 0)
+    assert len({s[3] for s in steps}) == 1  # the same experts and probabilities on every line
+
+    sm = inference.load_for_inference(path)
+    assert sm.config.routing_level == "sample"
+    p = inference.encode_prompt(sm, QUESTIONS[0], IMAGES[0])
+    ids = torch.tensor([p.ids + [int(s[2]) for s in steps]])
+    logits = {}
+    hooks = [m.router.register_forward_hook(lambda mod, a, o, i=i: logits.setdefault(i, o))
+             for i, m in enumerate(mole_layers(sm.model))]
+    set_prompt_mask(sm.model, torch.arange(ids.shape[1])[None] < len(p.ids))
+    try:
+        with torch.no_grad():
+            full = sm.model(input_ids=ids, pixel_values=p.pixel_values).logits
+    finally:
+        set_prompt_mask(sm.model, None)
+        for h in hooks:
+            h.remove()
+    assert full[0, len(p.ids) - 1:-1].argmax(-1).tolist() == [int(s[2]) for s in steps]
+    counts_LE = routing_counts_by_sample(sm.model)[:, 0]
+    for layer, (e, prob) in enumerate(((steps[0][4], steps[0][5]), (steps[0][6], steps[0][7]))):
+        assert counts_LE[layer].tolist() == [float(ids.shape[1]) if k == int(e) else 0.0 for k in range(3)]
+        assert f"{float(logits[layer][0].softmax(-1).max()):.2f}" == prob
+
+
 # -- errors: each names the path and the values ----------------------------------------------------------------
 def test_missing_export(tmp_path, tiny):
     with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'nope'}: no such file or directory"):

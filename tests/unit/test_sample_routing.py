@@ -33,6 +33,7 @@ MODES = {
                                                 "router_input_norm": True, "router_noise": 0.3}),
     "st_sample_router_opts": ("st", "sample", {"mi_coef": 0.1, "router_temperature": 0.5,
                                                "router_input_norm": True, "router_noise": 0.3}),
+    "st_sample_mi_center": ("st", "sample", {"mi_coef": 0.1, "router_center": True}),
 }
 
 
@@ -201,8 +202,9 @@ def test_export_round_trip_gives_identical_logits(tmp_path, name):
 
 
 @pytest.mark.parametrize("name", ["st_sample", "weighted_sample", "st_sample_router_opts"])
-def test_generate_with_kv_cache_routes_as_a_full_forward(name):
-    """Left-padded batch, greedy decoding with a cache: decoding steps reuse each sample's prompt choice, so
+@pytest.mark.parametrize("padded", [True, False], ids=["left_padded", "unpadded"])
+def test_generate_with_kv_cache_routes_as_a_full_forward(name, padded):
+    """Left-padded or unpadded batch, greedy decoding with a cache: decoding steps reuse each sample's prompt choice, so
     a full forward over prompt + generated tokens, told where the prompt is, gives the same tokens."""
     model = build_tiny_llama(seed=0)
     patch_model(model, _cfg(name))
@@ -211,9 +213,12 @@ def test_generate_with_kv_cache_routes_as_a_full_forward(name):
     B, P, N = 4, 7, 5
     ids = _ids(B=B, S=P)
     attn = torch.ones_like(ids)
-    attn[1, :3] = 0
-    attn[3, :1] = 0
+    if padded:
+        attn[1, :3] = 0
+        attn[3, :1] = 0
     with torch.no_grad():
+        # Unpadded, generate hands the model no attention mask (it is all ones): a decoding step is then known
+        # from the cache's length only.
         gen = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=N, min_new_tokens=N,
                              do_sample=False, use_cache=True, pad_token_id=0)
         full_attn = torch.cat([attn, torch.ones(B, N, dtype=attn.dtype)], 1)
@@ -297,3 +302,28 @@ def test_pretrained_text_task_is_the_rule_task_in_words():
     assert len(words) == 3
     for i in t.word_ids:  # every word is one token of the model's tokenizer
         assert tok.encode(tok.decode([i]), add_special_tokens=False) == [i]
+
+
+def test_router_center_changes_the_weight_gradient_not_the_output():
+    """router_center: the logits equal the plain Linear's; the weight gradient is sum_i g_i (x_i - mean x)^T (the
+    explicit centered product), the bias gradient sum_i g_i; one row or eval mode: the plain gradient."""
+    from mole_ds.mole.router import TopKRouter
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 8, generator=g) + 5.0  # a common component larger than the spread
+    up = torch.randn(6, 3, generator=g)
+    plain, centred = TopKRouter(8, 3, 1, "st"), TopKRouter(8, 3, 1, "st", center=True)
+    centred.load_state_dict(plain.state_dict())
+    out_p, out_c = plain(x), centred(x)
+    torch.testing.assert_close(out_c, out_p, rtol=1e-6, atol=1e-5)
+    (out_p * up).sum().backward()
+    (out_c * up).sum().backward()
+    torch.testing.assert_close(plain.weight.grad, up.T @ x)
+    torch.testing.assert_close(centred.weight.grad, up.T @ (x - x.mean(0)))
+    torch.testing.assert_close(centred.bias.grad, plain.bias.grad)
+    for rows, train in ((1, True), (6, False)):
+        centred.zero_grad()
+        centred.train(train)
+        (centred(x[:rows]) * up[:rows]).sum().backward()
+        torch.testing.assert_close(centred.weight.grad, up[:rows].T @ x[:rows])
+    assert "center=True" in repr(centred)
