@@ -28,6 +28,9 @@ TORCHRUN = PY.with_name("torchrun")
 WORKER = ROOT / "tests" / "dist" / "worker.py"
 DS_CONFIG = ROOT / "ds_configs" / "zero3_ep.json"
 DEMO_CONFIG = ROOT / "launchers" / "configs" / "demo.yaml"
+SAMPLE_ROUTING = ("--routing", "sparse", "--routing-level", "sample", "--mi-coef", "0.1", "--router-center")
+"""tests/dist/worker.py arguments of the sample-routing runs (sample level, the MI objective, the centered router
+gradient) that test_expert_parallel and test_elastic share (the same arguments: the same launches)."""
 
 
 def child_env(**extra: str) -> dict[str, str]:

@@ -16,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.support import PY, ROOT, free_port, log_of, make_demo_data, records, run, worker_losses
+from tests.support import (PY, ROOT, SAMPLE_ROUTING, free_port, log_of, make_demo_data, records, run,
+                           worker_losses)
 
 pytestmark = pytest.mark.dist
 
@@ -60,7 +61,6 @@ def test_resumed_on_another_layout_equals_uninterrupted(runs, name):
 # arguments, so the same launches: the ep-2 writer and the ep-1 reference are shared). The MI loss is a statistic
 # of each rank's own batch, so a resume continues the same training only on the same data split: 2 ranks, here
 # with the experts replicated (ep 1) instead of split (ep 2).
-SAMPLE_ROUTING = ("--routing", "sparse", "--routing-level", "sample", "--mi-coef", "0.1")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.support import WORKER, launch, reference, worker_losses
+from tests.support import SAMPLE_ROUTING, WORKER, launch, reference, worker_losses
 
 pytestmark = pytest.mark.dist
 
@@ -73,11 +73,11 @@ def test_sharded_run_equals_single_process(runs, name, ref):
 
 
 # Sample-level routing (mole.routing_level 'sample': one expert per sample and layer, chosen from the pooled
-# prompt) with the mutual-information objective. The MI loss is a statistic of the rank's own batch
+# prompt) with the mutual-information objective and the centered router gradient (tests.support.SAMPLE_ROUTING;
+# both are per-rank batch statistics). The MI loss is a statistic of the rank's own batch
 # (H(mean_b p_b) over the rank's samples), like every aux loss a per-rank term: its reference is the same
 # 2-rank data split with replicated experts (ep 1), not the 1-process run. The ep-2 run also writes the step-2
 # checkpoint tests/dist/test_elastic.py resumes on another layout (the same launches, shared).
-SAMPLE_ROUTING = ("--routing", "sparse", "--routing-level", "sample", "--mi-coef", "0.1")
 SAMPLE_TOKENS = 1 + 16 + 12  # every token of a worker sample (BOS, image, text) follows the sample's expert
 
 

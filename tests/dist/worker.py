@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=1)
     ap.add_argument("--routing-level", default="token", help="mole.routing_level: token | sample")
     ap.add_argument("--mi-coef", type=float, default=0.0, help="mole.mi_coef")
+    ap.add_argument("--router-center", action="store_true", help="mole.router_center")
     ap.add_argument("--force-expert", type=int, default=-1)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--save-at", type=int, default=0)
@@ -93,6 +94,7 @@ def main() -> None:
         model=ModelSection(tiny_layers=2, tiny_hidden=32),
         mole=MoLEConfig(num_experts=args.experts, top_k=args.top_k, rank=4, alpha=8.0, dropout=args.dropout,
                         routing=args.routing, routing_level=args.routing_level, mi_coef=args.mi_coef,
+                        router_center=args.router_center,
                         ep_size=args.ep, balance_coef=0.01, z_loss_coef=0.001),
         train=TrainSection(lr=1e-2, warmup_steps=0, min_lr_ratio=1.0, max_steps=args.steps, seed=0,
                            gradient_checkpointing=args.grad_ckpt))
