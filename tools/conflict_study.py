@@ -2,7 +2,7 @@
 """The LLaVA-MoLE domain-conflict experiment in miniature, trained in this process (see docs/conflict_study.md).
 
     python tools/conflict_study.py --out runs/conflict_study              # the published study (~23 min, 2 CPU cores)
-    python tools/conflict_study.py --out runs/cq --quick                   # table variant, 2 seeds: ~1 minute
+    python tools/conflict_study.py --out runs/cq --quick                   # table variant, 2 seeds: ~30 s
     python tools/conflict_study.py --out runs/cs --variants rule --seeds 0 1 2 --attn-lora true
     python tools/conflict_study.py --out runs/cs_pre --base smollm2 --base-layers 6 --variants rule --rule-symbols 8 \
         --steps-per-domain 30 --batch 16 --arms mix mix_matched oracle mole_sparse_sample_mi   # pretrained base
