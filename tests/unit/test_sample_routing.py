@@ -139,7 +139,7 @@ def test_torch_backend_equals_loop_reference(name):
         torch.testing.assert_close(outs[0][1][n], outs[1][1][n], rtol=1e-4, atol=1e-5, msg=n)
 
 
-@pytest.mark.parametrize("name", ["st_sample", "st_sample_router_opts", "dense_sample"])
+@pytest.mark.parametrize("name", ["st_sample", "st_sample_router_opts", "dense_sample", "st_sample_mi_center"])
 def test_activation_checkpointing_equals_plain(name):
     cfg = _cfg(name, dropout=0.1, train_projector=True, balance_coef=0.05)
     plain = build_tiny_llava(seed=0)
@@ -185,7 +185,7 @@ def test_prompt_mask_from_labels_stops_at_the_first_supervised_token():
     assert got.tolist() == [[True, True, False, False, False], [False, True, True, True, True]]
 
 
-@pytest.mark.parametrize("name", ["st_sample", "dense_sample", "st_token_mi_router_opts"])
+@pytest.mark.parametrize("name", ["st_sample", "dense_sample", "st_token_mi_router_opts", "st_sample_mi_center"])
 def test_export_round_trip_gives_identical_logits(tmp_path, name):
     cfg = _cfg(name)
     trained = build_tiny_llama(seed=0)
